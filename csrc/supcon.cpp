@@ -1,0 +1,26 @@
+// The op schemas (one place) and the `_C` module stub whose import runs the registrations.
+// Kernels: csrc/cpu/ (CPU dispatch key), csrc/cuda/ (CUDA dispatch key).
+// Fake kernels and autograd are registered in Python (modan_ext/ops.py).
+#include <Python.h>
+
+#include <torch/csrc/stable/library.h>
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+STABLE_TORCH_LIBRARY(modan_ext, m) {
+  m.def(
+      "supcon_fwd(Tensor features, Tensor labels, int label_kind, int views, "
+      "int anchor_begin, int anchor_end, bool first_view_only, float temperature, "
+      "float base_temperature, float threshold, int weighting, int normalization, "
+      "bool allow_tf32) -> (Tensor, Tensor)");
+  m.def(
+      "supcon_bwd(Tensor grad_loss, Tensor features, Tensor labels, Tensor stats, "
+      "int label_kind, int views, int anchor_begin, int anchor_end, bool first_view_only, "
+      "float temperature, float base_temperature, float threshold, int weighting, "
+      "int normalization, bool allow_tf32) -> Tensor");
+}

@@ -1,0 +1,116 @@
+"""`JaccardSupConLoss` and `jaccard_supcon_loss`: validation, backend choice, reduction."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from ._validation import LossOptions, check_inputs, check_options
+from .reference import jaccard_supcon_loss_reference
+
+BACKENDS = ("auto", "kernel", "reference")
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The backend that will run on `device`: "kernel" or "reference"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    device = torch.device(device)
+    if backend == "reference":
+        return "reference"
+    if ops.kernel_available(device):
+        return "kernel"
+    if backend == "kernel":
+        why = ops.LOAD_ERROR or f"the extension was built without a {device.type} kernel"
+        raise RuntimeError(f"backend='kernel' but no compiled kernel serves {device} ({why})")
+    if device.type != "meta":
+        ops.warn_fallback_once(device)
+    return "reference"
+
+
+def _reduce(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
+            opts: LossOptions) -> torch.Tensor:
+    if opts.contrast_mode == "one" and features.dim() == 3:
+        rows = slice(None, None, features.shape[1])  # image-major: view 0 of each image
+        row_loss, stats = row_loss[rows], stats[rows]
+    if opts.reduction == "none":
+        return row_loss.view(features.shape[:2]) if (
+            features.dim() == 3 and opts.contrast_mode == "all") else row_loss
+    total = row_loss.sum()  # non-anchors are 0; NaN propagates under nan_policy="propagate"
+    if opts.reduction == "sum":
+        return total
+    counted = (stats[:, 1] > 0).sum().clamp_min(1)
+    return total / counted
+
+
+def _loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
+    features, labels = check_inputs(features, labels, opts)
+    if resolve_backend(backend, features.device) == "reference":
+        compute_dtype = torch.promote_types(features.dtype, torch.float32)
+        return jaccard_supcon_loss_reference(features, labels, **opts.__dict__,
+                                             compute_dtype=compute_dtype)
+    row_loss, stats = ops.supcon_rows(features, labels, opts)
+    return _reduce(row_loss, stats, features, opts)
+
+
+def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07,
+                        threshold=0.3, normalization="count", contrast_mode="all",
+                        reduction="mean", weighting="jaccard", nan_policy="raise",
+                        backend="auto") -> torch.Tensor:
+    """Jaccard-weighted multi-label supervised contrastive loss (ModAn-MulSupCon, Eq. 3).
+
+    Args:
+        features: ``[B, V, D]`` (B images x V augmented views, SupContrast's convention) or
+            ``[M, D]`` (one row per sample). Used as given: L2-normalise them first, as in
+            SupContrast (e.g. ``F.normalize(x, dim=-1)``).
+        labels: multi-hot ``[B, L]`` (bool, integer or float 0/1; ``[M, L]`` with 2-D features),
+            integer class ids ``[B]`` (then the loss is SupCon), or None with 3-D features
+            (SimCLR: only the other views of an image are its positives).
+        temperature, base_temperature: T and T_base; the loss is scaled by T / T_base.
+        threshold: another image is a positive when its label similarity is >= threshold and > 0.
+            The other views of the same image are always positives with weight 1.
+        normalization: "count" divides an anchor's weighted sum by its number of positives
+            (paper); "weight" by the sum of its weights (a soft-target cross-entropy).
+        contrast_mode: "all" (every row is an anchor) or "one" (only view 0 of each image).
+        reduction: "mean" over anchors with at least one positive (0, with a zero gradient, when
+            there is none), "sum", or "none" (per-anchor losses: ``[B, V]``, ``[B]`` for "one",
+            ``[M]`` for 2-D features; 0 for an anchor without positives).
+        weighting: label similarity: "jaccard" (default), "dice", "cosine", "overlap", or
+            "binary" (weight 1 for every positive, positives by Jaccard >= threshold).
+        nan_policy: "raise" (ValueError on NaN/Inf features, in eager mode) or "propagate"
+            (a NaN loss). Inside torch.compile the check cannot run; NaN propagates.
+        backend: "auto" (the compiled kernel for the features' device, else the reference with
+            one warning), "kernel", or "reference".
+
+    Returns:
+        float32 for float32/float16/bfloat16 features, float64 for float64.
+    """
+    opts = check_options(temperature, base_temperature, threshold, normalization,
+                         contrast_mode, reduction, weighting, nan_policy)
+    return _loss(features, labels, opts, backend)
+
+
+class JaccardSupConLoss(nn.Module):
+    """Module form of :func:`jaccard_supcon_loss`; ``forward(features, labels=None)``."""
+
+    def __init__(self, temperature=0.07, base_temperature=0.07, threshold=0.3,
+                 normalization="count", contrast_mode="all", reduction="mean",
+                 weighting="jaccard", nan_policy="raise", backend="auto"):
+        super().__init__()
+        self.options = check_options(temperature, base_temperature, threshold, normalization,
+                                     contrast_mode, reduction, weighting, nan_policy)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; "
+                             f"got {backend!r}")
+        self.backend = backend
+
+    def backend_for(self, device) -> str:
+        """Which backend runs for inputs on `device`: "kernel" or "reference"."""
+        return resolve_backend(self.backend, device)
+
+    def forward(self, features, labels=None):
+        return _loss(features, labels, self.options, self.backend)
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.options.__dict__.items())
+        return f"{fields}, backend={self.backend!r}"

@@ -1,0 +1,141 @@
+"""The custom ops `modan_ext::supcon_fwd` / `supcon_bwd`: Python side of the registration.
+
+The schemas and kernels are C++ (csrc/); here live the fake (meta) kernels that let
+`torch.compile` trace the ops, the autograd formula, and `supcon_rows`, which turns a validated
+user input into the canonical op arguments (DEVELOPERS.md, "The op contract").
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ._validation import LossOptions
+
+WEIGHTING_CODES = {"jaccard": 0, "dice": 1, "cosine": 2, "overlap": 3, "binary": 4}
+NORMALIZATION_CODES = {"count": 0, "weight": 1}
+MULTI_HOT, CLASS_IDS = 0, 1
+
+try:
+    from . import _C  # noqa: F401  (importing it runs the C++ op registrations)
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # the package still works, on the reference
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def kernel_available(device) -> bool:
+    """Whether a compiled kernel serves `device` ("cpu", "cuda", torch.device, ...)."""
+    if LOAD_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "modan_ext::supcon_fwd", key)
+
+
+def pack_labels(multi_hot: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a [B, L] multi-hot matrix into int64 words [B, ceil(L/64)] (label k -> bit k%64
+    of word k//64). Summing distinct powers of two cannot overflow: bit 63 is -2**63 in int64."""
+    images, labels = multi_hot.shape
+    words = (labels + 63) // 64
+    bits = torch.zeros(images, words * 64, dtype=torch.int64, device=multi_hot.device)
+    bits[:, :labels] = (multi_hot != 0).to(torch.int64)
+    shifts = torch.arange(64, dtype=torch.int64, device=multi_hot.device)
+    return (bits.view(images, words, 64) << shifts).sum(-1)
+
+
+# ---- fake kernels: shapes and dtypes only -------------------------------------------------------
+
+def _stats_dtype(features: torch.Tensor) -> torch.dtype:
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _supcon_fwd_fake(features, labels, label_kind, views, anchor_begin, anchor_end,
+                     first_view_only, temperature, base_temperature, threshold, weighting,
+                     normalization, allow_tf32):
+    anchors = anchor_end - anchor_begin
+    dtype = _stats_dtype(features)
+    return features.new_empty(anchors, dtype=dtype), features.new_empty(anchors, 4, dtype=dtype)
+
+
+def _supcon_bwd_fake(grad_loss, features, labels, stats, *args):
+    return torch.empty_like(features)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    features, labels, *scalars = inputs
+    _, stats = output
+    ctx.save_for_backward(features, labels, stats)
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    features, labels, stats = ctx.saved_tensors
+    grad_features = None
+    if ctx.needs_input_grad[0]:
+        grad_features = torch.ops.modan_ext.supcon_bwd(
+            grad_loss.contiguous(), features, labels, stats, *ctx.scalars)
+    return (grad_features, None) + (None,) * len(ctx.scalars)
+
+
+def _no_double_backward(ctx, grad):
+    raise NotImplementedError("modan_ext: double backward (a gradient of the loss's gradient) is "
+                              "not supported by the fused kernels; use backend='reference'")
+
+
+def _remember_nothing(ctx, inputs, output):
+    pass
+
+
+if LOAD_ERROR is None:
+    torch.library.register_fake("modan_ext::supcon_fwd", _supcon_fwd_fake)
+    torch.library.register_fake("modan_ext::supcon_bwd", _supcon_bwd_fake)
+    torch.library.register_autograd("modan_ext::supcon_fwd", _backward,
+                                    setup_context=_setup_context)
+    torch.library.register_autograd("modan_ext::supcon_bwd", _no_double_backward,
+                                    setup_context=_remember_nothing)
+
+
+# ---- canonical arguments -------------------------------------------------------------------------
+
+def canonical_labels(labels: torch.Tensor | None, images: int, device) -> tuple[torch.Tensor, int]:
+    """(int64 labels for the op, label_kind) from validated labels of `images` images."""
+    if labels is None:  # SimCLR: every image its own class
+        return torch.arange(images, dtype=torch.int64, device=device)[:, None], CLASS_IDS
+    if labels.dim() == 1:
+        return labels.to(torch.int64).contiguous()[:, None], CLASS_IDS
+    return pack_labels(labels), MULTI_HOT
+
+
+def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossOptions,
+                anchor_begin: int = 0, anchor_end: int | None = None):
+    """Per-row loss and statistics from the fused op, for validated `features` [B, V, D] or
+    [M, D] (rows image-major) and labels of the B images. Returns (loss [Ma], stats [Ma, 4])."""
+    views = features.shape[1] if features.dim() == 3 else 1
+    z = features.reshape(-1, features.shape[-1])
+    if z.device.type == "cpu" and z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()  # the CPU kernel accumulates in float32 from float32 inputs
+    z = z.contiguous()
+    packed, kind = canonical_labels(labels, features.shape[0], z.device)
+    rows = z.shape[0]
+    anchor_end = rows if anchor_end is None else anchor_end
+    allow_tf32 = bool(z.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    return torch.ops.modan_ext.supcon_fwd(
+        z, packed, kind, views, anchor_begin, anchor_end, opts.contrast_mode == "one",
+        opts.temperature, opts.base_temperature, opts.threshold,
+        WEIGHTING_CODES[opts.weighting], NORMALIZATION_CODES[opts.normalization], allow_tf32)
+
+
+_warned = False
+
+
+def warn_fallback_once(device) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        why = LOAD_ERROR or f"the extension was built without a kernel for {device}"
+        warnings.warn(f"modan_ext: no compiled kernel for {device} ({why}); using the PyTorch "
+                      "reference, which needs O(M^2) memory. Build the extension for speed.",
+                      RuntimeWarning, stacklevel=3)

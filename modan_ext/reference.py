@@ -1,0 +1,100 @@
+"""The loss in plain PyTorch, written to be read: the oracle of the tests and the fallback when no
+compiled kernel exists. It materialises every M x M matrix, so keep M small.
+
+It follows SupContrast's layout (views concatenated view-major: row v*B + b) on purpose: the
+kernels use the image-major layout, so a layout slip in either shows up as a test failure.
+Semantics: `../shared/paper-notes.md` §1 and DEVELOPERS.md, "Semantics".
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_inputs, check_options
+
+
+def label_similarity(labels: torch.Tensor | None, images: int, weighting: str,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """[B, B] similarity of the images' label sets (0 where a denominator is 0)."""
+    device = labels.device if labels is not None else None
+    if labels is None:  # SimCLR: an image is similar only to itself
+        return torch.eye(images, dtype=dtype, device=device)
+    if labels.dim() == 1:  # class ids: SupCon
+        return (labels[:, None] == labels[None, :]).to(dtype)
+    y = (labels != 0).to(dtype)
+    inter = y @ y.T
+    n = y.sum(1)
+    if weighting == "dice":
+        denom = n[:, None] + n[None, :]
+        inter = 2 * inter
+    elif weighting == "cosine":
+        denom = torch.sqrt(n[:, None] * n[None, :])
+    elif weighting == "overlap":
+        denom = torch.minimum(n[:, None], n[None, :])
+    else:  # jaccard; binary thresholds the Jaccard similarity
+        denom = n[:, None] + n[None, :] - inter
+    return torch.where(denom > 0, inter / denom.clamp_min(1), torch.zeros_like(inter))
+
+
+def positive_weights(sim: torch.Tensor, threshold: float, weighting: str) -> torch.Tensor:
+    """[B, B] weight of image j as a positive of image i (0: not a positive)."""
+    positive = (sim >= threshold) & (sim > 0)
+    weight = torch.ones_like(sim) if weighting == "binary" else sim
+    weight = torch.where(positive, weight, torch.zeros_like(sim))
+    # The other views of the same image are always positives, with weight 1.
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    return torch.where(eye, torch.ones_like(sim), weight)
+
+
+def jaccard_supcon_loss_reference(features, labels=None, *, temperature=0.07,
+                                  base_temperature=0.07, threshold=0.3, normalization="count",
+                                  contrast_mode="all", reduction="mean", weighting="jaccard",
+                                  nan_policy="raise", compute_dtype=torch.float64):
+    """Reference implementation of `modan_ext.jaccard_supcon_loss` (same arguments).
+
+    Computes in `compute_dtype` (float64 by default) and returns the features' dtype
+    (float32 for half inputs).
+    """
+    opts = check_options(temperature, base_temperature, threshold, normalization,
+                         contrast_mode, reduction, weighting, nan_policy)
+    features, labels = check_inputs(features, labels, opts)
+    out_dtype = torch.promote_types(features.dtype, torch.float32)
+    z = features.to(compute_dtype)
+    if z.dim() == 2:
+        z = z[:, None, :]
+    images, views, _ = z.shape
+    contrast = torch.cat(torch.unbind(z, dim=1), dim=0)  # [V*B, D], row v*B + b
+    rows = contrast.shape[0]
+    image_of_row = torch.arange(images, device=z.device).repeat(views)
+
+    image_weight = positive_weights(label_similarity(labels, images, opts.weighting, compute_dtype),
+                                    opts.threshold, opts.weighting)
+    not_self = ~torch.eye(rows, dtype=torch.bool, device=z.device)
+    weight = image_weight[image_of_row][:, image_of_row] * not_self
+    positive = (weight > 0) & not_self
+
+    logits = contrast @ contrast.T / opts.temperature
+    lse = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1)
+    if rows == 1:  # no other row: nothing to contrast with (and no positive)
+        lse = torch.zeros_like(lse)
+    log_prob = logits - lse[:, None]
+    count = positive.sum(1).to(compute_dtype)
+    omega = weight.sum(1)
+    norm = count if opts.normalization == "count" else omega
+    weighted = torch.where(positive, weight * log_prob, torch.zeros_like(log_prob)).sum(1)
+    norm = torch.where(count > 0, norm, torch.ones_like(norm))  # no 0/0, not even in backward
+    row_loss = -(opts.temperature / opts.base_temperature) * weighted / norm
+    row_loss = torch.where(count > 0, row_loss, torch.zeros_like(row_loss))
+    if opts.nan_policy == "propagate":
+        row_loss = row_loss + 0 * contrast.sum()  # any non-finite feature makes every entry NaN
+
+    anchors = images if opts.contrast_mode == "one" else rows  # view 0 comes first
+    row_loss, count = row_loss[:anchors], count[:anchors]
+    if opts.reduction == "none":
+        per_anchor = row_loss.view(-1, images).T  # [B, V] (or [B, 1] for "one")
+        if features.dim() == 2 or opts.contrast_mode == "one":
+            per_anchor = per_anchor[:, 0]
+        return per_anchor.to(out_dtype)
+    total = row_loss.sum()
+    if opts.reduction == "sum":
+        return total.to(out_dtype)
+    return (total / (count > 0).sum().clamp_min(1)).to(out_dtype)
