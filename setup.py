@@ -1,4 +1,6 @@
-"""Build modan_ext: the CPU kernel always, the CUDA kernel when a CUDA toolkit is found.
+"""Build modan_ext: the CPU kernel always (`modan_ext._C`, which also holds the op schemas), the
+CUDA kernel (`modan_ext._cuda`, a separate library so that a CPU-only machine still loads the CPU
+kernel) when a CUDA toolkit is found and torch is a CUDA build.
 
 Environment:
   MODAN_EXT_CUDA=1|0      force the CUDA kernel on / off (default: on when a toolkit is found)
@@ -35,8 +37,13 @@ def _nvcc_root():
 
 
 def _want_cuda():
+    import torch
     flag = os.environ.get("MODAN_EXT_CUDA", "").strip()
     if flag == "0":
+        return False
+    if torch.version.cuda is None:
+        if flag == "1":
+            raise RuntimeError("MODAN_EXT_CUDA=1 but the installed torch is a CPU-only build")
         return False
     if not os.environ.get("CUDA_HOME"):
         root = _nvcc_root()
@@ -65,23 +72,23 @@ def extensions():
 
     debug = os.environ.get("MODAN_EXT_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    common = dict(include_dirs=[os.path.join(HERE, "csrc")], py_limited_api=True)
     cxx = opt + [TORCH_TARGET, PY_LIMITED, "-fdiagnostics-color=always", "-fno-math-errno"]
-    args = {"cxx": cxx}
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    exts = [cpp_extension.CppExtension("modan_ext._C", cpu_sources,
+                                       extra_compile_args={"cxx": cxx}, **common)]
     use_cuda = _want_cuda()
     if use_cuda:
         _check_arch_list()
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        args["cxx"] = cxx + ["-DUSE_CUDA", "-DMODAN_EXT_WITH_CUDA"]
-        args["nvcc"] = opt + [TORCH_TARGET, "-DUSE_CUDA", "-DMODAN_EXT_WITH_CUDA",
-                              "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
-        ext_cls = cpp_extension.CUDAExtension
-    else:
-        ext_cls = cpp_extension.CppExtension
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        defines = ["-DUSE_CUDA", "-DMODAN_EXT_WITH_CUDA"]
+        nvcc = opt + [TORCH_TARGET, *defines, "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
+        exts.append(cpp_extension.CUDAExtension(
+            "modan_ext._cuda", cuda_sources,
+            extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, **common))
     print(f"modan_ext: building {'CPU + CUDA' if use_cuda else 'CPU only'} kernels")
-    return [ext_cls("modan_ext._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                    extra_compile_args=args, py_limited_api=True)]
+    return exts
 
 
 def cmdclass():

@@ -1,5 +1,6 @@
 // The op schemas (one place) and the `_C` module stub whose import runs the registrations.
-// Kernels: csrc/cpu/ (CPU dispatch key), csrc/cuda/ (CUDA dispatch key).
+// Kernels: csrc/cpu/ (CPU dispatch key, same library), csrc/cuda/ (CUDA dispatch key, the
+// separate `_cuda` library, whose .cu defines its own PyInit__cuda stub).
 // Fake kernels and autograd are registered in Python (modan_ext/ops.py).
 #include <Python.h>
 

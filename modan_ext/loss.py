@@ -21,8 +21,8 @@ def resolve_backend(backend: str, device) -> str:
     if ops.kernel_available(device):
         return "kernel"
     if backend == "kernel":
-        why = ops.LOAD_ERROR or f"the extension was built without a {device.type} kernel"
-        raise RuntimeError(f"backend='kernel' but no compiled kernel serves {device} ({why})")
+        raise RuntimeError(f"backend='kernel' but no compiled kernel serves {device} "
+                           f"({ops.missing_kernel_reason(device)})")
     if device.type != "meta":
         ops.warn_fallback_once(device)
     return "reference"

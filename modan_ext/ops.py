@@ -6,6 +6,8 @@ user input into the canonical op arguments (DEVELOPERS.md, "The op contract").
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 
 import torch
@@ -16,20 +18,44 @@ WEIGHTING_CODES = {"jaccard": 0, "dice": 1, "cosine": 2, "overlap": 3, "binary":
 NORMALIZATION_CODES = {"count": 0, "weight": 1}
 MULTI_HOT, CLASS_IDS = 0, 1
 
-try:
-    from . import _C  # noqa: F401  (importing it runs the C++ op registrations)
-    LOAD_ERROR: str | None = None
-except ImportError as exc:  # the package still works, on the reference
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+def _load(module: str, missing: str) -> str | None:
+    """Import a compiled library of this package (its import runs the C++ registrations);
+    the reason it is unusable, or None."""
+    if importlib.util.find_spec(f"{__package__}.{module}") is None:
+        return missing
+    try:
+        importlib.import_module(f"{__package__}.{module}")
+    except ImportError as exc:
+        return f"{module} failed to load: {exc}"
+    return None
+
+
+LOAD_ERROR = _load("_C", "the compiled library modan_ext._C is not built "
+                         "(pip install --no-build-isolation .)")
+CUDA_LOAD_ERROR = LOAD_ERROR or _load(
+    "_cuda", "modan_ext was built without its CUDA kernel (no CUDA toolkit at build time, "
+             "or MODAN_EXT_CUDA=0)")
+
+
+# Device types with a compiled kernel, looked up once: torch.compile cannot trace the lookup.
+KERNEL_DEVICE_TYPES = frozenset() if LOAD_ERROR is not None else frozenset(
+    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("modan_ext::supcon_fwd", key))
 
 
 def kernel_available(device) -> bool:
     """Whether a compiled kernel serves `device` ("cpu", "cuda", torch.device, ...)."""
+    return torch.device(device).type in KERNEL_DEVICE_TYPES
+
+
+def missing_kernel_reason(device) -> str:
+    device_type = torch.device(device).type
     if LOAD_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "modan_ext::supcon_fwd", key)
+        return LOAD_ERROR
+    if device_type == "cuda" and CUDA_LOAD_ERROR is not None:
+        return CUDA_LOAD_ERROR
+    return f"the extension has no {device_type} kernel"
 
 
 def pack_labels(multi_hot: torch.Tensor) -> torch.Tensor:
@@ -135,7 +161,7 @@ def warn_fallback_once(device) -> None:
     global _warned
     if not _warned:
         _warned = True
-        why = LOAD_ERROR or f"the extension was built without a kernel for {device}"
-        warnings.warn(f"modan_ext: no compiled kernel for {device} ({why}); using the PyTorch "
+        warnings.warn(f"modan_ext: no compiled kernel for {device} "
+                      f"({missing_kernel_reason(device)}); using the PyTorch "
                       "reference, which needs O(M^2) memory. Build the extension for speed.",
                       RuntimeWarning, stacklevel=3)
