@@ -13,15 +13,18 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+// views and the anchor range are SymInt: they follow the batch size, and torch.compile must keep
+// them symbolic rather than specialise (and recompile) on every batch size.
 STABLE_TORCH_LIBRARY(modan_ext, m) {
   m.def(
-      "supcon_fwd(Tensor features, Tensor labels, int label_kind, int views, "
-      "int anchor_begin, int anchor_end, bool first_view_only, float temperature, "
+      "supcon_fwd(Tensor features, Tensor labels, int label_kind, SymInt views, "
+      "SymInt anchor_begin, SymInt anchor_end, bool first_view_only, float temperature, "
       "float base_temperature, float threshold, int weighting, int normalization, "
       "bool allow_tf32) -> (Tensor, Tensor)");
   m.def(
       "supcon_bwd(Tensor grad_loss, Tensor features, Tensor labels, Tensor stats, "
-      "int label_kind, int views, int anchor_begin, int anchor_end, bool first_view_only, "
+      "int label_kind, SymInt views, SymInt anchor_begin, SymInt anchor_end, "
+      "bool first_view_only, "
       "float temperature, float base_temperature, float threshold, int weighting, "
       "int normalization, bool allow_tf32) -> Tensor");
 }

@@ -10,6 +10,7 @@ read as `label != 0` and non-finite features give a NaN loss (the kernels propag
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,17 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
+def _real(name: str, value) -> float:
+    """A Python float from any real number (int, float, NumPy scalar, 0-d tensor)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
+
+
 def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    value = _real(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0; got {value}")
     return float(value)
@@ -51,8 +60,7 @@ def _positive_float(name: str, value) -> float:
 def check_options(temperature=0.07, base_temperature=0.07, threshold=0.3, normalization="count",
                   contrast_mode="all", reduction="mean", weighting="jaccard",
                   nan_policy="raise") -> LossOptions:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
+    threshold = _real("threshold", threshold)
     if not 0.0 <= threshold <= 1.0:  # also rejects NaN
         raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
     return LossOptions(
@@ -120,7 +128,10 @@ def check_labels(labels, features: torch.Tensor) -> torch.Tensor | None:
         if _checking_values() and labels.device.type != "meta" and labels.dtype != torch.bool:
             bad = int(((labels != 0) & (labels != 1)).sum())
             if bad:
-                raise ValueError(f"multi-hot labels must be 0 or 1; found {bad} other value(s)")
+                hint = (" (integer class ids go in a 1-D tensor of shape [B])"
+                        if labels.shape[1] == 1 else "")
+                raise ValueError(f"multi-hot labels must be 0 or 1; found {bad} other "
+                                 f"value(s){hint}")
     else:
         raise ValueError("labels must be class ids [B] or multi-hot [B, L]; got shape "
                          f"{tuple(labels.shape)}")

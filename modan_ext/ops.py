@@ -59,14 +59,16 @@ def missing_kernel_reason(device) -> str:
 
 
 def pack_labels(multi_hot: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a [B, L] multi-hot matrix into int64 words [B, ceil(L/64)] (label k -> bit k%64
-    of word k//64). Summing distinct powers of two cannot overflow: bit 63 is -2**63 in int64."""
+    """Bit-pack a [B, L] multi-hot matrix into int64 words [B, ceil(L/64)]: label k is bit k % 64
+    of word k // 64. Summing distinct powers of two cannot overflow (bit 63 is -2**63 in int64).
+    One word at a time, so the int64 temporary is at most [B, 64]."""
     images, labels = multi_hot.shape
-    words = (labels + 63) // 64
-    bits = torch.zeros(images, words * 64, dtype=torch.int64, device=multi_hot.device)
-    bits[:, :labels] = (multi_hot != 0).to(torch.int64)
-    shifts = torch.arange(64, dtype=torch.int64, device=multi_hot.device)
-    return (bits.view(images, words, 64) << shifts).sum(-1)
+    words = []
+    for start in range(0, labels, 64):
+        bits = (multi_hot[:, start:start + 64] != 0).to(torch.int64)
+        shifts = torch.arange(bits.shape[1], dtype=torch.int64, device=multi_hot.device)
+        words.append((bits << shifts).sum(-1))
+    return torch.stack(words, dim=1)
 
 
 # ---- fake kernels: shapes and dtypes only -------------------------------------------------------
