@@ -77,11 +77,11 @@ def extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     exts = [cpp_extension.CppExtension("modan_ext._C", cpu_sources,
                                        extra_compile_args={"cxx": cxx}, **common)]
-    use_cuda = _want_cuda()
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    use_cuda = bool(cuda_sources) and _want_cuda()
     if use_cuda:
         _check_arch_list()
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         defines = ["-DUSE_CUDA", "-DMODAN_EXT_WITH_CUDA"]
         nvcc = opt + [TORCH_TARGET, *defines, "--use_fast_math", "-lineinfo", "-Xptxas=-v"]
         exts.append(cpp_extension.CUDAExtension(
