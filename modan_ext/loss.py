@@ -1,10 +1,12 @@
 """`JaccardSupConLoss` and `jaccard_supcon_loss`: validation, backend choice, reduction."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from ._validation import LossOptions, check_inputs, check_options
 from .reference import jaccard_supcon_loss_reference
 
@@ -43,7 +45,24 @@ def _reduce(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
     return total / counted
 
 
-def _loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
+def _autocast_off(features):
+    """The loss accumulates in float32 at least: autocast must not run its products in half."""
+    device_type = getattr(getattr(features, "device", None), "type", None)
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _loss(features, labels, opts: LossOptions, backend: str,
+          gather_distributed: bool = False) -> torch.Tensor:
+    with _autocast_off(features):
+        if gather_distributed and distributed.is_active():
+            return distributed.gathered_loss(features, labels, opts,
+                                             lambda device: resolve_backend(backend, device))
+        return _one_process_loss(features, labels, opts, backend)
+
+
+def _one_process_loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
     features, labels = check_inputs(features, labels, opts)
     if resolve_backend(backend, features.device) == "reference":
         compute_dtype = torch.promote_types(features.dtype, torch.float32)
@@ -53,10 +72,16 @@ def _loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
     return _reduce(row_loss, stats, features, opts)
 
 
+def _check_gather_flag(gather_distributed) -> bool:
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be True or False; got {gather_distributed!r}")
+    return gather_distributed
+
+
 def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07,
                         threshold=0.3, normalization="count", contrast_mode="all",
                         reduction="mean", weighting="jaccard", nan_policy="raise",
-                        backend="auto") -> torch.Tensor:
+                        backend="auto", gather_distributed=False) -> torch.Tensor:
     """Jaccard-weighted multi-label supervised contrastive loss (ModAn-MulSupCon, Eq. 3).
 
     Args:
@@ -81,13 +106,21 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_tempera
             (a NaN loss). Inside torch.compile the check cannot run; NaN propagates.
         backend: "auto" (the compiled kernel for the features' device, else the reference with
             one warning), "kernel", or "reference".
+        gather_distributed: under torch.distributed with more than one rank, gather features and
+            labels from every rank (uneven batch sizes allowed) and compute this rank's anchors
+            against the whole gathered batch; the loss is scaled so that the mean of the ranks'
+            losses, and DDP's average of the gradients, are those of one process on the
+            concatenated batch ("none": this rank's own per-anchor losses, unscaled). Every rank
+            must call the loss. Without an initialised process group, or with one rank, the same
+            as False. See `modan_ext.distributed`.
 
     Returns:
-        float32 for float32/float16/bfloat16 features, float64 for float64.
+        float32 for float32/float16/bfloat16 features (also under torch.autocast), float64 for
+        float64.
     """
     opts = check_options(temperature, base_temperature, threshold, normalization,
                          contrast_mode, reduction, weighting, nan_policy)
-    return _loss(features, labels, opts, backend)
+    return _loss(features, labels, opts, backend, _check_gather_flag(gather_distributed))
 
 
 class JaccardSupConLoss(nn.Module):
@@ -95,7 +128,8 @@ class JaccardSupConLoss(nn.Module):
 
     def __init__(self, temperature=0.07, base_temperature=0.07, threshold=0.3,
                  normalization="count", contrast_mode="all", reduction="mean",
-                 weighting="jaccard", nan_policy="raise", backend="auto"):
+                 weighting="jaccard", nan_policy="raise", backend="auto",
+                 gather_distributed=False):
         super().__init__()
         self.options = check_options(temperature, base_temperature, threshold, normalization,
                                      contrast_mode, reduction, weighting, nan_policy)
@@ -103,14 +137,15 @@ class JaccardSupConLoss(nn.Module):
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; "
                              f"got {backend!r}")
         self.backend = backend
+        self.gather_distributed = _check_gather_flag(gather_distributed)
 
     def backend_for(self, device) -> str:
         """Which backend runs for inputs on `device`: "kernel" or "reference"."""
         return resolve_backend(self.backend, device)
 
     def forward(self, features, labels=None):
-        return _loss(features, labels, self.options, self.backend)
+        return _loss(features, labels, self.options, self.backend, self.gather_distributed)
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.options.__dict__.items())
-        return f"{fields}, backend={self.backend!r}"
+        return f"{fields}, backend={self.backend!r}, gather_distributed={self.gather_distributed}"

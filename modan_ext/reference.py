@@ -13,9 +13,8 @@ from ._validation import check_inputs, check_options
 
 
 def label_similarity(labels: torch.Tensor | None, images: int, weighting: str,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[B, B] similarity of the images' label sets (0 where a denominator is 0)."""
-    device = labels.device if labels is not None else None
     if labels is None:  # SimCLR: an image is similar only to itself
         return torch.eye(images, dtype=dtype, device=device)
     if labels.dim() == 1:  # class ids: SupCon
@@ -66,7 +65,8 @@ def jaccard_supcon_loss_reference(features, labels=None, *, temperature=0.07,
     rows = contrast.shape[0]
     image_of_row = torch.arange(images, device=z.device).repeat(views)
 
-    image_weight = positive_weights(label_similarity(labels, images, opts.weighting, compute_dtype),
+    image_weight = positive_weights(label_similarity(labels, images, opts.weighting, compute_dtype,
+                                                     z.device),
                                     opts.threshold, opts.weighting)
     not_self = ~torch.eye(rows, dtype=torch.bool, device=z.device)
     weight = image_weight[image_of_row][:, image_of_row] * not_self

@@ -1,0 +1,217 @@
+"""Mixed precision (torch.autocast) and torch.compile.
+
+AMP: features that a model produces under autocast (half precision) give a float32 loss equal to
+the float32 loss of the same values upcast, checked against the float64 reference too; their
+gradient comes back in the half dtype and the parameters' in float32.
+
+Compile: a training step (model + loss) compiles with fullgraph=True, no graph break, and gives the
+eager loss and gradients; changing the batch size compiles once more (automatic dynamic shapes),
+not once per size; with `torch._dynamo.mark_dynamic` on the batch dimension, never again.
+The compile tests use the "aot_eager" backend (dynamo + AOTAutograd, which trace the op's fake
+kernel and autograd formula, without inductor's C++ compile time); inductor itself is covered by
+tests/test_custom_op.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import modan_ext
+from modan_ext.reference import jaccard_supcon_loss_reference
+
+IN_DIM, DIM, NUM_LABELS = 12, 16, 9
+
+AMP_CASES = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+    pytest.param("cuda", torch.float16, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16"),
+]
+
+
+def _need(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA autocast needs a GPU; none is visible on this machine")
+
+
+def make_batch(images=10, views=2, labels="multi", device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (images, views, IN_DIM) if views else (images, IN_DIM)
+    x = torch.randn(*shape, generator=gen)
+    if labels == "multi":
+        y = torch.rand(images, NUM_LABELS, generator=gen) < 0.3
+    elif labels == "ids":
+        y = torch.randint(0, 3, (images,), generator=gen)
+    else:
+        y = None
+    return x.to(device), None if y is None else y.to(device)
+
+
+def make_model(device="cpu"):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN_DIM, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, DIM)).to(device)
+
+
+def rel_err(actual, expected) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((a - e).abs().max()) / max(float(e.abs().max()), 1e-6)
+
+
+# ---- autocast ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("layout", ["3d-multi", "3d-none", "2d-ids"])
+@pytest.mark.parametrize("device,dtype", AMP_CASES)
+def test_autocast_loss_is_float32_and_gradients_keep_the_input_dtype(device, dtype, layout,
+                                                                     backend):
+    _need(device)
+    shape, labels_kind = layout.split("-")
+    x, labels = make_batch(views=2 if shape == "3d" else 0, labels=labels_kind, device=device)
+    model = make_model(device)
+    for reduction in ("mean", "none"):
+        model.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            features = F.normalize(model(x), dim=-1).to(dtype)  # what a half model hands over
+            features.retain_grad()
+            loss = modan_ext.jaccard_supcon_loss(features, labels, backend=backend,
+                                                 reduction=reduction)
+        assert loss.dtype == torch.float32, f"{reduction}: loss dtype {loss.dtype} under autocast"
+        upstream = torch.ones_like(loss)
+        loss.backward(upstream)
+        assert features.grad.dtype == dtype, f"features' gradient dtype {features.grad.dtype}"
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+        # The same values upcast, outside autocast: float32 path, and the float64 oracle.
+        upcast = features.detach().float().requires_grad_(True)
+        expected = modan_ext.jaccard_supcon_loss(upcast, labels, backend=backend,
+                                                 reduction=reduction)
+        expected.backward(upstream)
+        oracle = jaccard_supcon_loss_reference(features.detach().double(), labels,
+                                               reduction=reduction)
+        same = 1e-6 if device == "cpu" else 1e-5  # CUDA: half inputs may take other MMA paths
+        assert rel_err(loss, expected) <= same, f"{reduction}: autocast vs float32 loss"
+        assert rel_err(loss, oracle) <= 2e-5, f"{reduction}: autocast vs float64 oracle"
+        # The gradient is computed in float32 and rounded once to the half dtype.
+        half_eps = torch.finfo(dtype).eps
+        assert rel_err(features.grad, upcast.grad) <= 2 * half_eps, \
+            f"{reduction}: features' gradient vs float32 path"
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def make_step(model, **loss_options):
+    loss_fn = modan_ext.JaccardSupConLoss(**loss_options)
+
+    def step(x, labels):
+        return loss_fn(F.normalize(model(x), dim=-1), labels)
+    return step
+
+
+def loss_and_grads(step, model, x, labels):
+    model.zero_grad()
+    loss = step(x, labels)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("layout", ["3d-multi", "3d-none", "2d-ids"])
+def test_compiled_step_has_no_graph_break_and_matches_eager(layout, backend):
+    shape, labels_kind = layout.split("-")
+    x, labels = make_batch(views=2 if shape == "3d" else 0, labels=labels_kind)
+    model = make_model()
+    step = make_step(model, backend=backend, temperature=0.1)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    loss, grads = loss_and_grads(compiled, model, x, labels)
+    eager_loss, eager_grads = loss_and_grads(step, model, x, labels)
+    assert counter.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert rel_err(loss, eager_loss) <= 1e-6
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) <= 1e-5
+
+
+def test_compiled_step_with_gather_flag_in_one_process():
+    """gather_distributed=True without a process group is the plain loss, also when compiled."""
+    x, labels = make_batch()
+    model = make_model()
+    step = make_step(model, gather_distributed=True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grads = loss_and_grads(compiled, model, x, labels)
+    eager_loss, eager_grads = loss_and_grads(make_step(model), model, x, labels)
+    assert rel_err(loss, eager_loss) <= 1e-6
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) <= 1e-5
+
+
+def test_compiled_step_under_autocast():
+    x, labels = make_batch()
+    model = make_model()
+    step = make_step(model)
+
+    def amp_step(x, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(x, labels)
+    compiled = torch.compile(amp_step, fullgraph=True, backend="aot_eager")
+    loss, grads = loss_and_grads(compiled, model, x, labels)
+    eager_loss, eager_grads = loss_and_grads(amp_step, model, x, labels)
+    assert loss.dtype == torch.float32 and not counters["graph_break"]
+    assert rel_err(loss, eager_loss) <= 1e-6
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) <= 1e-2  # bf16 model: the two graphs may round differently
+
+
+def test_compiled_step_including_backward():
+    """loss.backward() inside the compiled function (dynamo's trace_autograd_ops)."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch has no torch._dynamo.config.trace_autograd_ops")
+    x, labels = make_batch()
+    model = make_model()
+    step = make_step(model)
+
+    def train_step(x, labels):
+        loss = step(x, labels)
+        loss.backward()
+        return loss.detach()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        model.zero_grad()
+        loss = torch.compile(train_step, fullgraph=True, backend="aot_eager")(x, labels)
+        grads = [p.grad.clone() for p in model.parameters()]
+    eager_loss, eager_grads = loss_and_grads(step, model, x, labels)
+    assert rel_err(loss, eager_loss) <= 1e-6
+    for g, e in zip(grads, eager_grads):
+        assert rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("mark_dynamic", [False, True], ids=["automatic", "mark_dynamic"])
+def test_new_batch_sizes_do_not_recompile(mark_dynamic, backend):
+    """Needs the op schema's views/anchor range as SymInt (csrc/supcon.cpp): with `int`, dynamo
+    specialises them, hence the batch size, and recompiles for every size."""
+    model = make_model()
+    step = make_step(model, backend=backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for images in (6, 9, 12, 15, 20):
+        x, labels = make_batch(images=images, seed=images)
+        if mark_dynamic:
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(labels, 0)
+        loss, _ = loss_and_grads(compiled, model, x, labels)
+        eager_loss, _ = loss_and_grads(step, model, x, labels)
+        assert rel_err(loss, eager_loss) <= 1e-6, f"batch of {images} images"
+    # automatic dynamic shapes: the first size is compiled static, the second dynamic, then reuse
+    assert counter.frame_count == (1 if mark_dynamic else 2), \
+        f"{counter.frame_count} compilations for 5 batch sizes"
