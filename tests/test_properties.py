@@ -57,7 +57,9 @@ def pml_supcon(features: torch.Tensor, class_ids: torch.Tensor, temperature: flo
     * PML returns 0 when there is no positive pair or no negative pair at all: tests keep a
       negative in the batch.
     """
-    from pytorch_metric_learning.losses import SupConLoss
+    SupConLoss = pytest.importorskip(
+        "pytorch_metric_learning.losses",
+        reason="pytorch-metric-learning is a test dependency (.ci/requirements.txt)").SupConLoss
     B, V, D = features.shape
     embeddings = features.reshape(B * V, D)
     labels = class_ids.repeat_interleave(V)
@@ -115,7 +117,9 @@ def simclr_nt_xent(features: torch.Tensor, temperature: float) -> torch.Tensor:
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("images", [2, 5, 16])
 def test_identity_labels_equal_simclr(device, backend, images):
-    from pytorch_metric_learning.losses import NTXentLoss
+    NTXentLoss = pytest.importorskip(
+        "pytorch_metric_learning.losses",
+        reason="pytorch-metric-learning is a test dependency (.ci/requirements.txt)").NTXentLoss
     fn = loss_fn(device, backend)
     gen = torch.Generator().manual_seed(images)
     z = F.normalize(torch.randn(images, 2, 24, generator=gen, dtype=torch.float64), dim=-1)

@@ -1,0 +1,114 @@
+"""The CUDA library was built and holds code for the target GPU (no GPU needed to check it).
+
+`setup.py` builds the CUDA kernel as the separate library `modan_ext/_cuda*.so` when a CUDA
+toolkit is found. These tests read that library with `cuobjdump` (from $CUDA_HOME, the PATH, or
+the copy Triton ships) and skip, saying why, when the build was CPU-only or no cuobjdump exists.
+
+* the library embeds machine code (an ELF cubin) for every architecture of
+  TORCH_CUDA_ARCH_LIST (default 9.0 -> sm_90), not only PTX;
+* the fused kernels are in it and use tensor-core instructions (HMMA), float32 path included;
+* importing it registers the CUDA kernels of both ops (this works without a GPU too).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import modan_ext
+from modan_ext import ops
+
+PACKAGE = os.path.dirname(modan_ext.__file__)
+
+
+def cuda_library() -> str:
+    found = sorted(glob.glob(os.path.join(PACKAGE, "_cuda*.so")) +
+                   glob.glob(os.path.join(PACKAGE, "_cuda*.pyd")))
+    if not found:
+        pytest.skip("modan_ext was built CPU-only (no modan_ext/_cuda*.so): the CUDA kernel is "
+                    "built when a CUDA toolkit is found (setup.py); nothing to check")
+    return found[0]
+
+
+def cuobjdump() -> str:
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump") or "")
+    try:
+        import triton
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                       "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    candidates.append("/usr/local/cuda/bin/cuobjdump")
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    pytest.skip("no cuobjdump found (CUDA_HOME/bin, PATH, triton): cannot read the library")
+
+
+def expected_archs() -> list[str]:
+    """sm_XY for each entry of TORCH_CUDA_ARCH_LIST ("9.0", "8.0;9.0", "9.0+PTX"); sm_90 when
+    unset (the project's target, H100/H200)."""
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not spec:
+        return ["sm_90"]
+    archs = []
+    for entry in re.split(r"[;\s,]+", spec):
+        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        if m:
+            archs.append(f"sm_{m.group(1)}{m.group(2)}{m.group(3)}")
+    return archs or ["sm_90"]
+
+
+def run(tool: str, *args: str) -> str:
+    result = subprocess.run([tool, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{tool} {' '.join(args)} failed:\n{result.stderr}"
+    return result.stdout
+
+
+def test_cuda_library_contains_target_machine_code():
+    lib = cuda_library()
+    listing = run(cuobjdump(), "--list-elf", lib)
+    elf_archs = set(re.findall(r"\.(sm_\d+[a-z]?)\.cubin", listing))
+    assert elf_archs, f"{os.path.basename(lib)} holds no cubin:\n{listing}"
+    for arch in expected_archs():
+        assert arch in elf_archs, (f"{os.path.basename(lib)} has machine code for "
+                                   f"{sorted(elf_archs)}, not {arch} (TORCH_CUDA_ARCH_LIST="
+                                   f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')})")
+
+
+def test_fused_kernels_use_tensor_cores():
+    lib = cuda_library()
+    tool = cuobjdump()
+    arch = expected_archs()[-1]
+    sass = run(tool, "-sass", "-arch", arch, lib)
+    functions = re.split(r"\n\s*Function : ", sass)
+    kernels = {}
+    for body in functions[1:]:
+        name = body.split("\n", 1)[0].strip()
+        if "supcon_fwd_kernel" in name or "supcon_bwd_kernel" in name:
+            kernels[name] = body
+    assert kernels, "no supcon_fwd_kernel / supcon_bwd_kernel in the library"
+    # Template instance <MODE, LABELS>: MODE 0 TF32, 1 3xTF32 (float32), 2 float16, 3 bfloat16.
+    modes = {int(m.group(1)) for name in kernels
+             for m in [re.search(r"kernelILi(\d)ELi\d", name)] if m}
+    assert modes == {0, 1, 2, 3}, f"kernel instances for modes {sorted(modes)} only"
+    without = [name for name, body in kernels.items() if "HMMA" not in body]
+    assert not without, f"kernels without tensor-core (HMMA) instructions: {without}"
+    for name, body in kernels.items():
+        assert not re.search(r"\b(STL|LDL)\b", body), f"{name} uses local memory (spills)"
+
+
+def test_importing_the_library_registers_cuda_kernels():
+    cuda_library()
+    assert ops.CUDA_LOAD_ERROR is None, ops.CUDA_LOAD_ERROR
+    import torch
+    for op in ("modan_ext::supcon_fwd", "modan_ext::supcon_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    assert modan_ext.kernel_available("cuda")
