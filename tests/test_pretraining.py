@@ -1,0 +1,138 @@
+"""Pretraining loop: one tiny step per loss, exact resume, interruption, checkpoint format."""
+import csv
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision", reason="the encoder is torchvision's ResNet-18 (extra 'examples')")
+
+from modan_ext import pretraining, synthetic  # noqa: E402
+from modan_ext.metadata import LabelVocabulary, paper_vocabulary  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    return synthetic.make_pretraining_set(images_per_leaf=1, size=32, seed=0)
+
+
+def _config(**overrides):
+    base = dict(epochs=2, batch_size=8, image_size=32, embedding_points=0, warmup_epochs=0.5,
+                loss_backend="reference")
+    base.update(overrides)
+    return pretraining.PretrainConfig(**base)
+
+
+def _quiet(*_args, **_kwargs):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in every run that is compared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss", pretraining.LOSSES)
+def test_one_epoch_of_each_loss_writes_checkpoint_and_metrics(tmp_path, tiny_set, loss):
+    summary = pretraining.pretrain(tiny_set, paper_vocabulary(), _config(loss=loss, epochs=1),
+                                   tmp_path, log=_quiet, progress=False)
+    assert summary["epochs_done"] == 1 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    ckpt = pretraining.load_checkpoint(tmp_path / pretraining.CHECKPOINT_NAME)  # weights_only
+    assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss
+    assert LabelVocabulary.from_json(ckpt["vocabulary"]).size == 12
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and float(rows[0]["images_per_s"]) > 0
+    expected_positives = {"simclr": 1.0, "supcon": 1.0}.get(loss)
+    if expected_positives is not None:  # one image per leaf: only the other view is positive
+        assert float(rows[0]["positives_per_anchor"]) == expected_positives
+    else:  # images sharing modality or anatomy are positives too
+        assert float(rows[0]["positives_per_anchor"]) > 1.0
+    state, config = pretraining.encoder_from_checkpoint(tmp_path / pretraining.CHECKPOINT_NAME)
+    encoder = pretraining.build_encoder(config["stem"])
+    encoder.load_state_dict(state)
+
+
+def _weights(path):
+    return pretraining.load_checkpoint(path / pretraining.CHECKPOINT_NAME)
+
+
+def _assert_same_training_state(a, b):
+    assert a["epoch"] == b["epoch"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_resume_after_one_epoch_equals_training_straight_through(tmp_path, tiny_set):
+    vocab, cfg = paper_vocabulary(), _config()
+    pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "straight", log=_quiet, progress=False)
+    pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "split", stop_after_epochs=1,
+                         log=_quiet, progress=False)
+    assert _weights(tmp_path / "split")["epoch"] == 1
+    torch.manual_seed(12345)  # disturb the global RNG: resume must restore it
+    pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "split", resume=True, log=_quiet,
+                         progress=False)
+    _assert_same_training_state(_weights(tmp_path / "straight"), _weights(tmp_path / "split"))
+
+
+def test_interrupt_mid_epoch_loses_only_that_epoch(tmp_path, tiny_set, monkeypatch):
+    vocab, cfg = paper_vocabulary(), _config()
+    pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "straight", log=_quiet, progress=False)
+
+    calls = {"n": 0}
+    real_two_views = pretraining.two_views
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 1 has 4 batches: this is the 2nd batch of epoch 2
+            raise KeyboardInterrupt
+        return real_two_views(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "two_views", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "crash", log=_quiet, progress=False)
+    assert _weights(tmp_path / "crash")["epoch"] == 1  # the last complete epoch survived
+    monkeypatch.setattr(pretraining, "two_views", real_two_views)
+    pretraining.pretrain(tiny_set, vocab, cfg, tmp_path / "crash", resume=True, log=_quiet,
+                         progress=False)
+    _assert_same_training_state(_weights(tmp_path / "straight"), _weights(tmp_path / "crash"))
+
+
+def test_resume_refuses_a_different_config(tmp_path, tiny_set):
+    vocab = paper_vocabulary()
+    pretraining.pretrain(tiny_set, vocab, _config(epochs=1), tmp_path, log=_quiet, progress=False)
+    with pytest.raises(ValueError, match="config differs"):
+        pretraining.pretrain(tiny_set, vocab, _config(epochs=1, lr=0.1), tmp_path, resume=True,
+                             log=_quiet, progress=False)
+
+
+def test_views_are_reproducible_and_different():
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    cfg = _config()
+    a = pretraining.two_views(images, pretraining.epoch_generator(0, 3, 0), cfg)
+    b = pretraining.two_views(images, pretraining.epoch_generator(0, 3, 0), cfg)
+    assert a.shape == (8, 1, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a[:4], a[4:])
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = _config(epochs=4, warmup_epochs=1)
+    factors = [pretraining.lr_factor(step, 10, cfg) for step in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
+
+
+def test_knn_accuracy_and_positive_counts():
+    features = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
+    assert pretraining.knn_accuracy(features, torch.tensor([0, 0, 1, 1]).numpy(), k=1) == 1.0
+    labels = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1]])
+    # Jaccard: (0,1) = 1/3 >= 0.3 -> positive; (0,2) = 0; (1,2) = 1/3 -> positive
+    # anchor 0: own other view + 2 views of image 1 = 3; anchor 1: 1 + 2 + 2 = 5; anchor 2: 3
+    assert pretraining.mean_positives("modan", labels, 0.3) == pytest.approx(11 / 3)

@@ -1,0 +1,237 @@
+"""Readers: RadImageNet tree and split CSVs, generic CSV, DICOM headers (pydicom's own sample
+files), downstream fold CSVs; path checks and error messages."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modan_ext.metadata import UnknownValueError, paper_vocabulary
+from modan_ext.readers import (MetadataReadError, load_downstream_task, load_grayscale,
+                               load_image_set, read_dicom_headers, read_fold_csvs,
+                               read_metadata_csv, read_radimagenet_split_csv,
+                               read_radimagenet_tree, resolve_image_path, us_anatomy)
+
+
+def _png(path: Path, value: int = 128, size: int = 8) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def radimagenet(tmp_path):
+    root = tmp_path / "radiology_ai"
+    _png(root / "CT" / "abd" / "normal" / "a.png")
+    _png(root / "MR" / "knee" / "acl_pathology" / "b.png", 200)
+    _png(root / "US" / "thyroid_nodule" / "c.png", 50)
+    _png(root / "US" / "liver" / "d.png", 60)
+    (root / "CT" / "abd" / "normal" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_tree_reads_fields_and_leaves_with_ultrasound_one_level_shallower(radimagenet):
+    records = read_radimagenet_tree(radimagenet)  # the folder containing radiology_ai/
+    got = {Path(r.path).name: (r.fields, r.leaf) for r in records}
+    assert got == {
+        "a.png": ({"modality": "CT", "anatomy": "abd"}, "CT/abd/normal"),
+        "b.png": ({"modality": "MR", "anatomy": "knee"}, "MR/knee/acl_pathology"),
+        "c.png": ({"modality": "US", "anatomy": "thyroid"}, "US/thyroid_nodule"),
+        "d.png": ({"modality": "US", "anatomy": "abd"}, "US/liver"),
+    }
+    vocab = paper_vocabulary()
+    assert vocab.encode_many([r.fields for r in records]).sum(1).tolist() == [2, 2, 2, 2]
+
+
+def test_tree_rejects_wrong_depth_naming_the_file(radimagenet):
+    _png(radimagenet / "radiology_ai" / "MR" / "knee" / "stray.png")
+    with pytest.raises(MetadataReadError, match=r"stray\.png.*MR/<anatomy>/<pathology>/<file>"):
+        read_radimagenet_tree(radimagenet)
+
+
+def test_unknown_ultrasound_label_needs_a_mapping_or_fallback(radimagenet):
+    _png(radimagenet / "radiology_ai" / "US" / "testis" / "e.png")
+    with pytest.raises(MetadataReadError, match="'testis' has no anatomy mapping"):
+        read_radimagenet_tree(radimagenet)
+    records = read_radimagenet_tree(radimagenet, us_fallback="abd")
+    assert {r.fields["anatomy"] for r in records if "testis" in r.path} == {"abd"}
+    assert us_anatomy("Thyroid-Nodule") == "thyroid"
+
+
+def test_split_csv_uses_paths_relative_to_the_data_folder(radimagenet):
+    csv_path = radimagenet / "RadiologyAI_train.csv"
+    csv_path.write_text("filename,label\n"
+                        "radiology_ai/MR/knee/acl_pathology/b.png,MR-knee-acl_pathology\n"
+                        "radiology_ai/US/liver/d.png,US-liver\n")
+    records = read_radimagenet_split_csv(csv_path)
+    assert [r.fields for r in records] == [{"modality": "MR", "anatomy": "knee"},
+                                           {"modality": "US", "anatomy": "abd"}]
+    assert [r.leaf for r in records] == ["MR-knee-acl_pathology", "US-liver"]
+    assert records[1].source.endswith("row 3")
+
+
+@pytest.mark.parametrize("filename, message", [
+    ("radiology_ai/CT/abd/normal/missing.png", "row 2: image file not found"),
+    ("../outside.png", "row 2: path '../outside.png' leaves the root folder"),
+    ("/etc/passwd", "row 2: absolute path"),
+    ("", "row 2: empty image path"),
+])
+def test_split_csv_errors_name_file_and_row(radimagenet, filename, message):
+    csv_path = radimagenet / "RadiologyAI_val.csv"
+    csv_path.write_text(f"filename,label\n{filename},x\n")
+    with pytest.raises(MetadataReadError, match=message) as err:
+        read_radimagenet_split_csv(csv_path)
+    assert "RadiologyAI_val.csv" in str(err.value)
+
+
+def test_split_csv_missing_column_is_reported(tmp_path):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("file,label\nx.png,y\n")
+    with pytest.raises(MetadataReadError, match=r"missing column\(s\) \['filename'\]"):
+        read_radimagenet_split_csv(csv_path)
+
+
+def test_generic_csv_with_named_columns_and_multi_values(tmp_path):
+    _png(tmp_path / "img" / "1.png")
+    _png(tmp_path / "img" / "2.png")
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_text("image,mod,body,contrast,cls\n"
+                        "img/1.png,MRI,Head,none,glioma\n"
+                        "img/2.png,CT,ABDOMEN,iv|oral,\n")
+    records = read_metadata_csv(csv_path, path_column="image",
+                                field_columns={"modality": "mod", "anatomy": "body",
+                                               "contrast": "contrast"}, leaf_column="cls")
+    assert records[0].fields == {"modality": "MRI", "anatomy": "Head", "contrast": "none"}
+    assert records[1].fields["contrast"] == ["iv", "oral"] and records[1].leaf is None
+    vocab = paper_vocabulary().with_field("contrast", ["none", "iv", "oral"])
+    decoded = [vocab.decode(v) for v in vocab.encode_many([r.fields for r in records])]
+    assert decoded[0] == {"modality": ["MR"], "anatomy": ["brain"], "contrast": ["none"]}
+    assert decoded[1]["contrast"] == ["iv", "oral"]
+
+
+def test_generic_csv_unknown_value_error_points_at_the_row(tmp_path):
+    _png(tmp_path / "1.png")
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_text("path,modality,anatomy\n1.png,PET,knee\n")
+    records = read_metadata_csv(csv_path)
+    with pytest.raises(UnknownValueError, match=r"meta\.csv, row 2"):
+        paper_vocabulary().encode_many([r.fields for r in records], [r.source for r in records])
+
+
+def test_resolve_image_path_without_root_accepts_absolute(tmp_path):
+    _png(tmp_path / "x.png")
+    assert resolve_image_path(str(tmp_path / "x.png"), None, "here") == str((tmp_path / "x.png").resolve())
+    with pytest.raises(MetadataReadError, match="NUL"):
+        resolve_image_path("a\x00b", tmp_path, "here")
+
+
+# ---- DICOM: the real sample files that pydicom ships ------------------------------------------
+
+try:
+    import pydicom
+except ImportError:  # optional extra: only the DICOM tests need it
+    pydicom = None
+needs_pydicom = pytest.mark.skipif(pydicom is None,
+                                   reason="pydicom is not installed (optional extra 'dicom')")
+
+
+def _sample(name: str) -> str:
+    # The files live inside the pydicom package; looking them up there avoids
+    # get_testdata_file's network download of files that are not bundled.
+    path = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if not path.is_file():
+        pytest.skip(f"pydicom's sample {name} is not bundled with this pydicom version")
+    return str(path)
+
+
+@needs_pydicom
+def test_dicom_modality_from_real_ct_and_mr_samples():
+    records = read_dicom_headers([_sample("CT_small.dcm"), _sample("MR_small.dcm")])
+    assert [r.fields["modality"] for r in records] == ["CT", "MR"]
+    # these two samples have no BodyPartExamined: missing, which the vocabulary must handle
+    assert [r.fields["anatomy"] for r in records] == [None, None]
+    with pytest.raises(UnknownValueError, match=r"missing value.*CT_small\.dcm"):
+        paper_vocabulary().encode(records[0].fields, records[0].source)
+    zeros = paper_vocabulary(unknown="zeros")
+    assert zeros.decode(zeros.encode(records[1].fields)) == {"modality": ["MR"], "anatomy": []}
+
+
+@needs_pydicom
+def test_dicom_body_part_maps_through_synonyms():
+    records = read_dicom_headers([_sample("examples_overlay.dcm"), _sample("J2K_pixelrep_mismatch.dcm")])
+    assert [(r.fields["modality"], r.fields["anatomy"]) for r in records] == \
+        [("MR", "ABDOMEN"), ("CT", "HEAD")]
+    vocab = paper_vocabulary()
+    assert [vocab.decode(vocab.encode(r.fields)) for r in records] == \
+        [{"modality": ["MR"], "anatomy": ["abd"]}, {"modality": ["CT"], "anatomy": ["brain"]}]
+
+
+@needs_pydicom
+def test_dicom_folder_scan_and_edited_header(tmp_path):
+    dataset = pydicom.dcmread(_sample("CT_small.dcm"))
+    dataset.BodyPartExamined = "KNEE"
+    dataset.Modality = "MR"
+    dataset.save_as(tmp_path / "knee.dcm")
+    shutil.copy(_sample("MR_small.dcm"), tmp_path / "sub_mr.dcm")
+    records = read_dicom_headers(tmp_path)
+    assert [(Path(r.path).name, r.fields["modality"], r.fields["anatomy"]) for r in records] == \
+        [("knee.dcm", "MR", "KNEE"), ("sub_mr.dcm", "MR", None)]
+    assert load_grayscale(str(tmp_path / "knee.dcm"), 16).shape == (16, 16)
+
+
+@needs_pydicom
+def test_non_dicom_and_missing_files_are_named(tmp_path):
+    bogus = tmp_path / "fake.dcm"
+    bogus.write_bytes(b"this is not a DICOM file at all" * 10)
+    with pytest.raises(MetadataReadError, match=r"fake\.dcm: not a readable DICOM file"):
+        read_dicom_headers(bogus)
+    with pytest.raises(MetadataReadError, match="not found"):
+        read_dicom_headers(tmp_path / "nope.dcm")
+
+
+# ---- downstream folds --------------------------------------------------------------------------
+
+def _fold_task(tmp_path, label_column="label"):
+    task = tmp_path / "thyroid"
+    for i in range(6):
+        _png(task / "images" / f"{i}.png", 40 * i)
+    frames = task / "dataframe"
+    frames.mkdir()
+    for k in (1, 2):
+        for split, ids in (("train", [0, 1, 2, 3]), ("val", [4]), ("test", [5])):
+            ids = [(i + k) % 6 for i in ids]
+            rows = "".join(f"images/{i}.png,{'malignant' if i % 2 else 'benign'}\n" for i in ids)
+            (frames / f"thyroid_{split}_fold{k}.csv").write_text(f"img_dir,{label_column}\n" + rows)
+    return task
+
+
+def test_fold_csvs_in_radimagenet_repository_format(tmp_path):
+    task_dir = _fold_task(tmp_path)
+    folds = read_fold_csvs(task_dir)
+    assert len(folds) == 2 and len(folds[0].train[0]) == 4
+    np.testing.assert_array_equal(folds[0].test[1], [0])   # image 0: benign
+    task = load_downstream_task(task_dir, size=8)
+    assert task.name == "thyroid" and task.images.shape == (6, 1, 8, 8)
+    for train, val, test in task.folds:
+        assert len(set(train) | set(val) | set(test)) == 6
+    # images are numbered in first-seen order: fold 1's train, val, test CSVs
+    first = folds[0]
+    seen = first.train[0] + first.val[0] + first.test[0]
+    assert task.targets.tolist() == [int(Path(p).stem) % 2 for p in seen]
+
+
+def test_fold_csv_bad_label_and_missing_split_are_reported(tmp_path):
+    task_dir = _fold_task(tmp_path)
+    (task_dir / "dataframe" / "thyroid_val_fold2.csv").write_text("img_dir,label\nimages/1.png,maybe\n")
+    with pytest.raises(MetadataReadError, match=r"thyroid_val_fold2\.csv, row 2: label 'maybe'"):
+        read_fold_csvs(task_dir)
+    os.remove(task_dir / "dataframe" / "thyroid_val_fold2.csv")
+    with pytest.raises(MetadataReadError, match=r"fold 2 lacks its \['val'\]"):
+        read_fold_csvs(task_dir)
+
+
+def test_load_image_set_from_tree(radimagenet):
+    image_set = load_image_set(read_radimagenet_tree(radimagenet), size=16)
+    assert image_set.images.shape == (4, 1, 16, 16) and len(image_set) == 4
+    assert image_set.images[1].float().mean() == 200  # b.png is flat 200
