@@ -43,21 +43,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the in-place build
+sys.path.insert(0, HERE)
+from bench_loss import make_inputs  # noqa: E402  (same inputs as the CPU benchmark)
 
 MIB = 2 ** 20
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def make_inputs(rows: int, dim: int, views: int, seed: int, device, dtype):
-    import torch
-    images = rows // views
-    gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(images, views, dim, generator=gen)
-    features = torch.nn.functional.normalize(features, dim=-1)
-    labels = torch.zeros(images, 12, dtype=torch.bool)
-    labels[torch.arange(images), torch.randint(3, (images,), generator=gen)] = True
-    labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=gen)] = True
-    return features.to(device=device, dtype=dtype), labels.to(device)
 
 
 class Precision:

@@ -64,7 +64,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def make_inputs(rows: int, dim: int, views: int, seed: int, device: str):
+def make_inputs(rows: int, dim: int, views: int, seed: int, device, dtype=None):
+    """Unit-norm features [rows / views, views, dim] and paper-like labels (1 of 3 modalities +
+    1 of 9 anatomies)."""
     import torch
     images = rows // views
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +75,7 @@ def make_inputs(rows: int, dim: int, views: int, seed: int, device: str):
     labels = torch.zeros(images, 12, dtype=torch.bool)
     labels[torch.arange(images), torch.randint(3, (images,), generator=gen)] = True
     labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=gen)] = True
-    return features.to(device), labels.to(device)
+    return features.to(device=device, dtype=dtype), labels.to(device)
 
 
 def loss_function(method: str):
