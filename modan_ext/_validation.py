@@ -20,6 +20,7 @@ NORMALIZATIONS = ("count", "weight")
 CONTRAST_MODES = ("all", "one")
 REDUCTIONS = ("mean", "sum", "none")
 NAN_POLICIES = ("raise", "propagate")
+BACKENDS = ("auto", "kernel", "reference")
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -73,6 +74,16 @@ def check_options(temperature=0.07, base_temperature=0.07, threshold=0.3, normal
         weighting=_choice("weighting", weighting, WEIGHTINGS),
         nan_policy=_choice("nan_policy", nan_policy, NAN_POLICIES),
     )
+
+
+def check_backend(backend) -> str:
+    return _choice("backend", backend, BACKENDS)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
 
 
 def _checking_values() -> bool:

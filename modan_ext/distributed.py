@@ -158,12 +158,7 @@ def _local_kernel_losses(features, labels, opts, begin, images):
     views = features.shape[1] if features.dim() == 3 else 1
     row_loss, stats = ops.supcon_rows(features, labels, opts, begin * views,
                                       (begin + images) * views)
-    counted = stats[:, 1] > 0
-    if features.dim() == 3:
-        if opts.contrast_mode == "one":
-            return row_loss[::views], counted[::views]
-        return row_loss.view(images, views), counted.view(images, views)
-    return row_loss, counted
+    return ops.per_anchor(row_loss, stats, features[begin: begin + images], opts)
 
 
 def _local_reference_losses(features, labels, opts, begin, images):

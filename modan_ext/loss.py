@@ -7,16 +7,14 @@ import torch
 from torch import nn
 
 from . import distributed, ops
-from ._validation import LossOptions, check_inputs, check_options
+from ._validation import (LossOptions, check_backend, check_flag, check_inputs,
+                          check_options)
 from .reference import jaccard_supcon_loss_reference
-
-BACKENDS = ("auto", "kernel", "reference")
 
 
 def resolve_backend(backend: str, device) -> str:
     """The backend that will run on `device`: "kernel" or "reference"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    check_backend(backend)
     device = torch.device(device)
     if backend == "reference":
         return "reference"
@@ -32,17 +30,13 @@ def resolve_backend(backend: str, device) -> str:
 
 def _reduce(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
             opts: LossOptions) -> torch.Tensor:
-    if opts.contrast_mode == "one" and features.dim() == 3:
-        rows = slice(None, None, features.shape[1])  # image-major: view 0 of each image
-        row_loss, stats = row_loss[rows], stats[rows]
+    loss, counted = ops.per_anchor(row_loss, stats, features, opts)
     if opts.reduction == "none":
-        return row_loss.view(features.shape[:2]) if (
-            features.dim() == 3 and opts.contrast_mode == "all") else row_loss
-    total = row_loss.sum()  # non-anchors are 0; NaN propagates under nan_policy="propagate"
+        return loss
+    total = loss.sum()  # non-anchors are 0; NaN propagates under nan_policy="propagate"
     if opts.reduction == "sum":
         return total
-    counted = (stats[:, 1] > 0).sum().clamp_min(1)
-    return total / counted
+    return total / counted.sum().clamp_min(1)
 
 
 def _autocast_off(features):
@@ -70,12 +64,6 @@ def _one_process_loss(features, labels, opts: LossOptions, backend: str) -> torc
                                              compute_dtype=compute_dtype)
     row_loss, stats = ops.supcon_rows(features, labels, opts)
     return _reduce(row_loss, stats, features, opts)
-
-
-def _check_gather_flag(gather_distributed) -> bool:
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be True or False; got {gather_distributed!r}")
-    return gather_distributed
 
 
 def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07,
@@ -120,7 +108,8 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_tempera
     """
     opts = check_options(temperature, base_temperature, threshold, normalization,
                          contrast_mode, reduction, weighting, nan_policy)
-    return _loss(features, labels, opts, backend, _check_gather_flag(gather_distributed))
+    return _loss(features, labels, opts, backend,
+                 check_flag("gather_distributed", gather_distributed))
 
 
 class JaccardSupConLoss(nn.Module):
@@ -133,11 +122,8 @@ class JaccardSupConLoss(nn.Module):
         super().__init__()
         self.options = check_options(temperature, base_temperature, threshold, normalization,
                                      contrast_mode, reduction, weighting, nan_policy)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; "
-                             f"got {backend!r}")
-        self.backend = backend
-        self.gather_distributed = _check_gather_flag(gather_distributed)
+        self.backend = check_backend(backend)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def backend_for(self, device) -> str:
         """Which backend runs for inputs on `device`: "kernel" or "reference"."""

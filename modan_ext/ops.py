@@ -156,6 +156,19 @@ def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossO
         WEIGHTING_CODES[opts.weighting], NORMALIZATION_CODES[opts.normalization], allow_tf32)
 
 
+def per_anchor(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
+               opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchors' losses and "has a positive" flags from `supcon_rows`' per-row output for the
+    rows of `features`, shaped like reduction "none": [B, V] ("all"), [B] ("one"), [M] (2-D)."""
+    counted = stats[:, 1] > 0
+    if features.dim() == 2:
+        return row_loss, counted
+    images, views = features.shape[:2]
+    if opts.contrast_mode == "one":  # image-major rows: view 0 of each image
+        return row_loss[::views], counted[::views]
+    return row_loss.view(images, views), counted.view(images, views)
+
+
 _warned = False
 
 
