@@ -11,29 +11,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import torch
 
-WEIGHTINGS = ("jaccard", "dice", "cosine", "overlap", "binary")
-NORMALIZATIONS = ("count", "weight")
-CONTRAST_MODES = ("all", "one")
-REDUCTIONS = ("mean", "sum", "none")
-NAN_POLICIES = ("raise", "propagate")
-BACKENDS = ("auto", "kernel", "reference")
-FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    temperature: float = 0.07
-    base_temperature: float = 0.07
-    threshold: float = 0.3
-    normalization: str = "count"
-    contrast_mode: str = "all"
-    reduction: str = "mean"
-    weighting: str = "jaccard"
-    nan_policy: str = "raise"
+from .options import (BACKENDS, CONTRAST_MODES, DEFAULTS, FEATURE_DTYPES, NAN_POLICIES,
+                      NORMALIZATIONS, REDUCTIONS, WEIGHTINGS, LossOptions)
 
 
 def _choice(name: str, value, allowed) -> str:
@@ -58,16 +40,18 @@ def _positive_float(name: str, value) -> float:
     return float(value)
 
 
-def check_options(temperature=0.07, base_temperature=0.07, threshold=0.3, normalization="count",
-                  contrast_mode="all", reduction="mean", weighting="jaccard",
-                  nan_policy="raise") -> LossOptions:
+def check_options(*, temperature=DEFAULTS.temperature,
+                  base_temperature=DEFAULTS.base_temperature, threshold=DEFAULTS.threshold,
+                  normalization=DEFAULTS.normalization, contrast_mode=DEFAULTS.contrast_mode,
+                  reduction=DEFAULTS.reduction, weighting=DEFAULTS.weighting,
+                  nan_policy=DEFAULTS.nan_policy) -> LossOptions:
     threshold = _real("threshold", threshold)
     if not 0.0 <= threshold <= 1.0:  # also rejects NaN
         raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
     return LossOptions(
         temperature=_positive_float("temperature", temperature),
         base_temperature=_positive_float("base_temperature", base_temperature),
-        threshold=float(threshold),
+        threshold=threshold,
         normalization=_choice("normalization", normalization, NORMALIZATIONS),
         contrast_mode=_choice("contrast_mode", contrast_mode, CONTRAST_MODES),
         reduction=_choice("reduction", reduction, REDUCTIONS),
@@ -94,8 +78,9 @@ def check_features(features, opts: LossOptions) -> torch.Tensor:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
     if features.dtype not in FEATURE_DTYPES:
-        raise TypeError(f"features must be a floating tensor (float16, bfloat16, float32 or "
-                        f"float64); got dtype {features.dtype}")
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in FEATURE_DTYPES)
+        raise TypeError(f"features must be a floating tensor ({names}); got dtype "
+                        f"{features.dtype}")
     if features.dim() not in (2, 3):
         raise ValueError("features must have shape [B, V, D] (images x views x dim) or [M, D]; "
                          f"got shape {tuple(features.shape)}")
@@ -149,6 +134,13 @@ def check_labels(labels, features: torch.Tensor) -> torch.Tensor | None:
     if labels.shape[0] != images:
         raise ValueError(f"labels have {labels.shape[0]} rows but features have {images} {what}")
     return labels
+
+
+def label_kind(labels: torch.Tensor | None) -> str:
+    """Which of `options.LABEL_KINDS` validated labels are."""
+    if labels is None:
+        return "none"
+    return "class_ids" if labels.dim() == 1 else "multi_hot"
 
 
 def check_inputs(features, labels, opts: LossOptions):

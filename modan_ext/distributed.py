@@ -31,15 +31,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import ops
-from ._validation import (CONTRAST_MODES, NORMALIZATIONS, REDUCTIONS, WEIGHTINGS, LossOptions,
-                          check_inputs)
-from .reference import jaccard_supcon_loss_reference, label_similarity, positive_weights
+from ._anchors import anchor_losses, reduce
+from ._validation import check_inputs, label_kind
+from .options import (CONTRAST_MODES, FEATURE_DTYPES, LABEL_KINDS, NORMALIZATIONS, REDUCTIONS,
+                      WEIGHTINGS, LossOptions)
 
 __all__ = ["is_active", "gathered_loss", "all_gather_rows"]
 
-_NO_LABELS, _CLASS_IDS, _MULTI_HOT = 0, 1, 2
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a rank tells the others before the gather: its batch size, its feature shape, kind of labels
+# and options (names as their index in the tuples of `options`), and whether its input was bad.
 _HEADER = ("images", "views", "dim", "label kind", "label columns", "dtype", "contrast_mode",
            "reduction", "weighting", "normalization", "temperature", "base_temperature",
            "threshold", "error")
@@ -99,10 +99,11 @@ def _bits_float(bits: int) -> float:
 def _header(features, labels, opts: LossOptions, error) -> list[int]:
     if error is not None:
         return [0] * _ERROR + [1]
-    kind = _NO_LABELS if labels is None else _CLASS_IDS if labels.dim() == 1 else _MULTI_HOT
+    kind = label_kind(labels)
     return [features.shape[0], features.shape[1] if features.dim() == 3 else 0,
-            features.shape[-1], kind, labels.shape[1] if kind == _MULTI_HOT else 0,
-            _DTYPES.index(features.dtype), CONTRAST_MODES.index(opts.contrast_mode),
+            features.shape[-1], LABEL_KINDS.index(kind),
+            labels.shape[1] if kind == "multi_hot" else 0,
+            FEATURE_DTYPES.index(features.dtype), CONTRAST_MODES.index(opts.contrast_mode),
             REDUCTIONS.index(opts.reduction), WEIGHTINGS.index(opts.weighting),
             NORMALIZATIONS.index(opts.normalization), _float_bits(opts.temperature),
             _float_bits(opts.base_temperature), _float_bits(opts.threshold), 0]
@@ -134,7 +135,7 @@ def _check_agreement(headers: list[list[int]], rank: int, error) -> None:
         values = [h[k] for h in headers]
         if len(set(values)) > 1:
             if name == "dtype":
-                values = [_DTYPES[v] for v in values]
+                values = [FEATURE_DTYPES[v] for v in values]
             elif name.endswith("temperature") or name == "threshold":
                 values = [_bits_float(v) for v in values]
             raise ValueError(f"modan_ext (gather_distributed): the ranks disagree on {name} "
@@ -153,31 +154,10 @@ def _gather_labels(labels, sizes, group):
     return _gather_padded((labels != 0).to(torch.uint8), sizes, group)
 
 
-def _local_kernel_losses(features, labels, opts, begin, images):
-    """Own anchors' losses and 'has a positive' flags from the fused op (anchors: own rows)."""
-    views = features.shape[1] if features.dim() == 3 else 1
-    row_loss, stats = ops.supcon_rows(features, labels, opts, begin * views,
-                                      (begin + images) * views)
-    return ops.per_anchor(row_loss, stats, features[begin: begin + images], opts)
-
-
-def _local_reference_losses(features, labels, opts, begin, images):
-    """Same as `_local_kernel_losses` from the reference on the whole gathered batch (O(M^2))."""
-    compute_dtype = torch.promote_types(features.dtype, torch.float32)
-    options = dict(opts.__dict__, reduction="none")
-    per_anchor = jaccard_supcon_loss_reference(features, labels, **options,
-                                               compute_dtype=compute_dtype)
-    own = per_anchor[begin: begin + images]
-    # An image's anchors have a positive iff it has another view or a positive other image.
-    weight = positive_weights(label_similarity(labels, features.shape[0], opts.weighting,
-                                               torch.float64, features.device),
-                              opts.threshold, opts.weighting)
-    others = (weight > 0).sum(1) > 1  # the diagonal (own image) is always 1
-    views = features.shape[1] if features.dim() == 3 else 1
-    counted = (others | (views > 1))[begin: begin + images]
-    if own.dim() == 2:
-        counted = counted[:, None].expand_as(own)
-    return own, counted
+def _sum_over_ranks(count: torch.Tensor, device, group) -> torch.Tensor:
+    total = count.to(device=device, dtype=torch.int64).reshape(1)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.squeeze(0)
 
 
 def gathered_loss(features, labels, opts: LossOptions,
@@ -201,13 +181,9 @@ def gathered_loss(features, labels, opts: LossOptions,
     begin = sum(sizes[:rank])
     everyone = all_gather_rows(features, sizes, group)
     everyone_labels = _gather_labels(labels, sizes, group)
-    local = _local_kernel_losses if backend == "kernel" else _local_reference_losses
-    losses, counted = local(everyone, everyone_labels, opts, begin, sizes[rank])
-    if opts.reduction == "none":
-        return losses
-    total = losses.sum()  # NaN propagates under nan_policy="propagate"
-    if opts.reduction == "sum":
-        return total * world
-    n = counted.sum().to(device=device, dtype=torch.int64).reshape(1)
-    dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
-    return total * world / n.to(total.device).clamp_min(1).to(total.dtype).squeeze(0)
+    losses, counted = anchor_losses(everyone, everyone_labels, opts, backend, begin,
+                                    sizes[rank])
+    counted_total = None
+    if opts.reduction == "mean":  # the same on every rank: all or none of them all-reduce
+        counted_total = _sum_over_ranks(counted.sum(), device, group)
+    return reduce(losses, counted_total, opts.reduction, scale=world)

@@ -1,15 +1,16 @@
-"""`JaccardSupConLoss` and `jaccard_supcon_loss`: validation, backend choice, reduction."""
+"""`JaccardSupConLoss` and `jaccard_supcon_loss`: the public entry points and the backend choice."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 
 from . import distributed, ops
-from ._validation import (LossOptions, check_backend, check_flag, check_inputs,
-                          check_options)
-from .reference import jaccard_supcon_loss_reference
+from ._anchors import anchor_losses, reduce
+from ._validation import check_backend, check_flag, check_inputs, check_options
+from .options import DEFAULTS, LossOptions
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -24,19 +25,21 @@ def resolve_backend(backend: str, device) -> str:
         raise RuntimeError(f"backend='kernel' but no compiled kernel serves {device} "
                            f"({ops.missing_kernel_reason(device)})")
     if device.type != "meta":
-        ops.warn_fallback_once(device)
+        _warn_fallback_once(device)
     return "reference"
 
 
-def _reduce(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
-            opts: LossOptions) -> torch.Tensor:
-    loss, counted = ops.per_anchor(row_loss, stats, features, opts)
-    if opts.reduction == "none":
-        return loss
-    total = loss.sum()  # non-anchors are 0; NaN propagates under nan_policy="propagate"
-    if opts.reduction == "sum":
-        return total
-    return total / counted.sum().clamp_min(1)
+_warned = False
+
+
+def _warn_fallback_once(device) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"modan_ext: no compiled kernel for {device} "
+                      f"({ops.missing_kernel_reason(device)}); using the PyTorch "
+                      "reference, which needs O(M^2) memory. Build the extension for speed.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _autocast_off(features):
@@ -58,17 +61,16 @@ def _loss(features, labels, opts: LossOptions, backend: str,
 
 def _one_process_loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
     features, labels = check_inputs(features, labels, opts)
-    if resolve_backend(backend, features.device) == "reference":
-        compute_dtype = torch.promote_types(features.dtype, torch.float32)
-        return jaccard_supcon_loss_reference(features, labels, **opts.__dict__,
-                                             compute_dtype=compute_dtype)
-    row_loss, stats = ops.supcon_rows(features, labels, opts)
-    return _reduce(row_loss, stats, features, opts)
+    losses, counted = anchor_losses(features, labels, opts,
+                                    resolve_backend(backend, features.device))
+    return reduce(losses, counted.sum(), opts.reduction)
 
 
-def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_temperature=0.07,
-                        threshold=0.3, normalization="count", contrast_mode="all",
-                        reduction="mean", weighting="jaccard", nan_policy="raise",
+def jaccard_supcon_loss(features, labels=None, *, temperature=DEFAULTS.temperature,
+                        base_temperature=DEFAULTS.base_temperature, threshold=DEFAULTS.threshold,
+                        normalization=DEFAULTS.normalization,
+                        contrast_mode=DEFAULTS.contrast_mode, reduction=DEFAULTS.reduction,
+                        weighting=DEFAULTS.weighting, nan_policy=DEFAULTS.nan_policy,
                         backend="auto", gather_distributed=False) -> torch.Tensor:
     """Jaccard-weighted multi-label supervised contrastive loss (ModAn-MulSupCon, Eq. 3).
 
@@ -106,8 +108,10 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_tempera
         float32 for float32/float16/bfloat16 features (also under torch.autocast), float64 for
         float64.
     """
-    opts = check_options(temperature, base_temperature, threshold, normalization,
-                         contrast_mode, reduction, weighting, nan_policy)
+    opts = check_options(temperature=temperature, base_temperature=base_temperature,
+                         threshold=threshold, normalization=normalization,
+                         contrast_mode=contrast_mode, reduction=reduction, weighting=weighting,
+                         nan_policy=nan_policy)
     return _loss(features, labels, opts, backend,
                  check_flag("gather_distributed", gather_distributed))
 
@@ -115,13 +119,16 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_tempera
 class JaccardSupConLoss(nn.Module):
     """Module form of :func:`jaccard_supcon_loss`; ``forward(features, labels=None)``."""
 
-    def __init__(self, temperature=0.07, base_temperature=0.07, threshold=0.3,
-                 normalization="count", contrast_mode="all", reduction="mean",
-                 weighting="jaccard", nan_policy="raise", backend="auto",
-                 gather_distributed=False):
+    def __init__(self, temperature=DEFAULTS.temperature,
+                 base_temperature=DEFAULTS.base_temperature, threshold=DEFAULTS.threshold,
+                 normalization=DEFAULTS.normalization, contrast_mode=DEFAULTS.contrast_mode,
+                 reduction=DEFAULTS.reduction, weighting=DEFAULTS.weighting,
+                 nan_policy=DEFAULTS.nan_policy, backend="auto", gather_distributed=False):
         super().__init__()
-        self.options = check_options(temperature, base_temperature, threshold, normalization,
-                                     contrast_mode, reduction, weighting, nan_policy)
+        self.options = check_options(
+            temperature=temperature, base_temperature=base_temperature, threshold=threshold,
+            normalization=normalization, contrast_mode=contrast_mode, reduction=reduction,
+            weighting=weighting, nan_policy=nan_policy)
         self.backend = check_backend(backend)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 

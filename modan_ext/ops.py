@@ -2,21 +2,17 @@
 
 The schemas and kernels are C++ (csrc/); here live the fake (meta) kernels that let
 `torch.compile` trace the ops, the autograd formula, and `supcon_rows`, which turns a validated
-user input into the canonical op arguments (DEVELOPERS.md, "The op contract").
+user input into the canonical op arguments (ARCHITECTURE.md, "The op contract").
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 
 import torch
 
-from ._validation import LossOptions
-
-WEIGHTING_CODES = {"jaccard": 0, "dice": 1, "cosine": 2, "overlap": 3, "binary": 4}
-NORMALIZATION_CODES = {"count": 0, "weight": 1}
-MULTI_HOT, CLASS_IDS = 0, 1
+from ._validation import label_kind
+from .options import LABEL_KIND_CODES, NORMALIZATION_CODES, WEIGHTING_CODES, LossOptions
 
 
 def _load(module: str, missing: str) -> str | None:
@@ -129,12 +125,14 @@ if LOAD_ERROR is None:
 # ---- canonical arguments -------------------------------------------------------------------------
 
 def canonical_labels(labels: torch.Tensor | None, images: int, device) -> tuple[torch.Tensor, int]:
-    """(int64 labels for the op, label_kind) from validated labels of `images` images."""
-    if labels is None:  # SimCLR: every image its own class
-        return torch.arange(images, dtype=torch.int64, device=device)[:, None], CLASS_IDS
-    if labels.dim() == 1:
-        return labels.to(torch.int64).contiguous()[:, None], CLASS_IDS
-    return pack_labels(labels), MULTI_HOT
+    """(int64 labels for the op, its label_kind code) from validated labels of `images` images."""
+    kind = label_kind(labels)
+    if kind == "none":  # SimCLR: every image its own class
+        ids = torch.arange(images, dtype=torch.int64, device=device)
+        return ids[:, None], LABEL_KIND_CODES["class_ids"]
+    if kind == "class_ids":
+        return labels.to(torch.int64).contiguous()[:, None], LABEL_KIND_CODES["class_ids"]
+    return pack_labels(labels), LABEL_KIND_CODES["multi_hot"]
 
 
 def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossOptions,
@@ -154,29 +152,3 @@ def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossO
         z, packed, kind, views, anchor_begin, anchor_end, opts.contrast_mode == "one",
         opts.temperature, opts.base_temperature, opts.threshold,
         WEIGHTING_CODES[opts.weighting], NORMALIZATION_CODES[opts.normalization], allow_tf32)
-
-
-def per_anchor(row_loss: torch.Tensor, stats: torch.Tensor, features: torch.Tensor,
-               opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchors' losses and "has a positive" flags from `supcon_rows`' per-row output for the
-    rows of `features`, shaped like reduction "none": [B, V] ("all"), [B] ("one"), [M] (2-D)."""
-    counted = stats[:, 1] > 0
-    if features.dim() == 2:
-        return row_loss, counted
-    images, views = features.shape[:2]
-    if opts.contrast_mode == "one":  # image-major rows: view 0 of each image
-        return row_loss[::views], counted[::views]
-    return row_loss.view(images, views), counted.view(images, views)
-
-
-_warned = False
-
-
-def warn_fallback_once(device) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"modan_ext: no compiled kernel for {device} "
-                      f"({missing_kernel_reason(device)}); using the PyTorch "
-                      "reference, which needs O(M^2) memory. Build the extension for speed.",
-                      RuntimeWarning, stacklevel=3)

@@ -2,14 +2,17 @@
 compiled kernel exists. It materialises every M x M matrix, so keep M small.
 
 It follows SupContrast's layout (views concatenated view-major: row v*B + b) on purpose: the
-kernels use the image-major layout, so a layout slip in either shows up as a test failure.
-Semantics: `../shared/paper-notes.md` §1 and DEVELOPERS.md, "Semantics".
+kernels use the image-major layout, so a layout slip in either shows up as a test failure. It
+reduces the per-anchor losses itself, too: it is the oracle of the shared reduction
+(`_anchors.reduce`) as well. Semantics: README.md, "Semantics"; ARCHITECTURE.md, "The op
+contract".
 """
 from __future__ import annotations
 
 import torch
 
 from ._validation import check_inputs, check_options
+from .options import DEFAULTS, LossOptions
 
 
 def label_similarity(labels: torch.Tensor | None, images: int, weighting: str,
@@ -44,19 +47,11 @@ def positive_weights(sim: torch.Tensor, threshold: float, weighting: str) -> tor
     return torch.where(eye, torch.ones_like(sim), weight)
 
 
-def jaccard_supcon_loss_reference(features, labels=None, *, temperature=0.07,
-                                  base_temperature=0.07, threshold=0.3, normalization="count",
-                                  contrast_mode="all", reduction="mean", weighting="jaccard",
-                                  nan_policy="raise", compute_dtype=torch.float64):
-    """Reference implementation of `modan_ext.jaccard_supcon_loss` (same arguments).
-
-    Computes in `compute_dtype` (float64 by default) and returns the features' dtype
-    (float32 for half inputs).
-    """
-    opts = check_options(temperature, base_temperature, threshold, normalization,
-                         contrast_mode, reduction, weighting, nan_policy)
-    features, labels = check_inputs(features, labels, opts)
-    out_dtype = torch.promote_types(features.dtype, torch.float32)
+def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: LossOptions,
+                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-anchor losses, "has a positive" flags) of validated inputs, both shaped like
+    reduction "none": [B, V] ("all"), [B] ("one"), [M] (2-D features). Losses in
+    `compute_dtype`, 0 for an anchor without positives."""
     z = features.to(compute_dtype)
     if z.dim() == 2:
         z = z[:, None, :]
@@ -87,14 +82,35 @@ def jaccard_supcon_loss_reference(features, labels=None, *, temperature=0.07,
     if opts.nan_policy == "propagate":
         row_loss = row_loss + 0 * contrast.sum()  # any non-finite feature makes every entry NaN
 
-    anchors = images if opts.contrast_mode == "one" else rows  # view 0 comes first
-    row_loss, count = row_loss[:anchors], count[:anchors]
+    # view-major rows -> [B, V]; "one" keeps view 0, which comes first
+    losses, counted = row_loss.view(views, images).T, (count > 0).view(views, images).T
+    if features.dim() == 2 or opts.contrast_mode == "one":
+        return losses[:, 0], counted[:, 0]
+    return losses, counted
+
+
+def jaccard_supcon_loss_reference(features, labels=None, *, temperature=DEFAULTS.temperature,
+                                  base_temperature=DEFAULTS.base_temperature,
+                                  threshold=DEFAULTS.threshold,
+                                  normalization=DEFAULTS.normalization,
+                                  contrast_mode=DEFAULTS.contrast_mode,
+                                  reduction=DEFAULTS.reduction, weighting=DEFAULTS.weighting,
+                                  nan_policy=DEFAULTS.nan_policy, compute_dtype=torch.float64):
+    """Reference implementation of `modan_ext.jaccard_supcon_loss` (same arguments).
+
+    Computes in `compute_dtype` (float64 by default) and returns the features' dtype
+    (float32 for half inputs).
+    """
+    opts = check_options(temperature=temperature, base_temperature=base_temperature,
+                         threshold=threshold, normalization=normalization,
+                         contrast_mode=contrast_mode, reduction=reduction, weighting=weighting,
+                         nan_policy=nan_policy)
+    features, labels = check_inputs(features, labels, opts)
+    out_dtype = torch.promote_types(features.dtype, torch.float32)
+    losses, counted = anchor_losses(features, labels, opts, compute_dtype)
     if opts.reduction == "none":
-        per_anchor = row_loss.view(-1, images).T  # [B, V] (or [B, 1] for "one")
-        if features.dim() == 2 or opts.contrast_mode == "one":
-            per_anchor = per_anchor[:, 0]
-        return per_anchor.to(out_dtype)
-    total = row_loss.sum()
+        return losses.to(out_dtype)
+    total = losses.sum()
     if opts.reduction == "sum":
         return total.to(out_dtype)
-    return (total / (count > 0).sum().clamp_min(1)).to(out_dtype)
+    return (total / counted.sum().clamp_min(1)).to(out_dtype)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from loss_cases import Spec, build, encoder  # tests/ is this script's folder: on sys.path
 from modan_ext import JaccardSupConLoss
 
 BACKENDS = ("kernel", "reference")
@@ -30,15 +31,13 @@ LR = 0.5
 
 
 def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN_DIM, 16), nn.Tanh(), nn.Linear(16, OUT_DIM)).double()
+    return encoder(IN_DIM, OUT_DIM, dtype=torch.float64)
 
 
 def make_batch():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(IMAGES, VIEWS, IN_DIM, generator=gen, dtype=torch.float64)
-    labels = torch.rand(IMAGES, NUM_LABELS, generator=gen) < 0.35
-    return x, labels
+    batch = build(Spec(images=IMAGES, views=VIEWS, dim=IN_DIM, pattern="random",
+                       num_labels=NUM_LABELS, density=0.35, seed=1))
+    return batch.features, batch.labels
 
 
 def sgd_step(model: nn.Module, x, labels, backend: str, gather: bool) -> torch.Tensor:

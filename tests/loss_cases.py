@@ -1,19 +1,23 @@
-"""The one source of test cases for the loss: specs, builders, hypothesis strategies, oracles.
+"""The one source of test cases for the loss: specs, builders, hypothesis strategies, the loss
+functions under test and the comparators.
 
-Every test module draws its inputs from here, so the kernel-vs-reference tests and the property
-tests see the same kinds of batches (label patterns, shapes, options) on every device.
+Every test module draws its inputs from here, so the kernel-vs-reference tests, the property
+tests, the distributed and the AMP/compile tests see the same kinds of batches (label patterns,
+shapes, options) on every device.
 
 * `Spec` describes a batch (shape, label pattern, feature scale, seed); `build(spec)` makes the
-  float64 CPU tensors; `Case.on(device, dtype)` moves them.
+  float64 CPU tensors; `Case.on(device, dtype)` moves them. `encoder` is the small model that
+  the training-step tests put in front of the loss.
 * `specs()` / `option_sets()` are the hypothesis strategies; `GRID` is a deterministic grid of
   (spec, options) covering every option value at least once with every label pattern.
-* `naive_loss` is a second, independent oracle written from the formula (python loop over anchors,
-  image-major rows), used to check the reference itself on small batches.
-* `run_loss` evaluates a loss function and its gradient for a given upstream gradient.
+* `loss_fn`, `kernel_fn`, `reference_fn` are the loss pinned to a backend (`reference_fn` is the
+  float64 oracle); `run_loss` evaluates one and its gradient for a given upstream gradient.
+* `assert_close` / `assert_pair_close` compare results against a relative tolerance.
+The anchor-by-anchor oracle lives in naive_oracle.py.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -22,11 +26,15 @@ import torch
 from hypothesis import strategies as st
 
 import modan_ext
+from modan_ext.options import CONTRAST_MODES, DEFAULTS, NORMALIZATIONS, REDUCTIONS, WEIGHTINGS
 from modan_ext.reference import jaccard_supcon_loss_reference
 
 # ---- devices ---------------------------------------------------------------------------------
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (device, backend) pairs for the tests that hold on every backend
+DEVICE_BACKENDS = [pytest.param(device, backend, id=f"{device}-{backend}")
+                   for device in DEVICES for backend in ("reference", "kernel")]
 
 
 def require_kernel(device: str) -> None:
@@ -59,14 +67,7 @@ def examples(n: int) -> int:
 
 # ---- options ---------------------------------------------------------------------------------
 
-WEIGHTINGS = ("jaccard", "dice", "cosine", "overlap", "binary")
-NORMALIZATIONS = ("count", "weight")
-CONTRAST_MODES = ("all", "one")
-REDUCTIONS = ("mean", "sum", "none")
-
-DEFAULT_OPTIONS = dict(temperature=0.07, base_temperature=0.07, threshold=0.3,
-                       normalization="count", contrast_mode="all", reduction="mean",
-                       weighting="jaccard")
+DEFAULT_OPTIONS = dataclasses.asdict(DEFAULTS)
 
 # ---- label patterns --------------------------------------------------------------------------
 
@@ -189,6 +190,15 @@ def build(spec: Spec, **options) -> Case:
     return Case(spec, z, labels, opts)
 
 
+def encoder(in_dim: int, out_dim: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """The small model in front of the loss in the training-step tests (AMP, compile, DDP)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(in_dim, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, out_dim))
+    return model.to(device=device, dtype=dtype)
+
+
 # ---- hypothesis strategies ---------------------------------------------------------------------
 
 # Label counts around the 64-bit word boundaries of the packed labels, and anything up to 300.
@@ -294,6 +304,16 @@ def kernel_fn(features, labels=None, **options):
     return modan_ext.jaccard_supcon_loss(features, labels, backend="kernel", **options)
 
 
+def loss_fn(device, backend):
+    """The public function pinned to `backend` (skips/fails when the kernel is missing)."""
+    if backend == "kernel":
+        require_kernel(device)
+
+    def fn(features, labels=None, **options):
+        return modan_ext.jaccard_supcon_loss(features, labels, backend=backend, **options)
+    return fn
+
+
 def reference_fn(features, labels=None, **options):
     """The oracle: float64 arithmetic whatever the input dtype (the result is float64)."""
     return jaccard_supcon_loss_reference(features.double(), labels, **options)
@@ -351,99 +371,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     bound = rtol * scale
     assert err <= bound, (f"{what}: max abs error {err:.3e} > {bound:.3e} "
                           f"(rtol {rtol:.1e} x scale {scale:.3e})")
-
-
-# ---- an independent oracle: the formula, anchor by anchor ---------------------------------------
-
-def label_sim(labels, i: int, j: int, weighting: str) -> float:
-    """Label similarity of images i and j from DEVELOPERS.md, in exact-ish python arithmetic."""
-    if labels is None:
-        return 1.0 if i == j else 0.0
-    if labels.dim() == 1:
-        return 1.0 if int(labels[i]) == int(labels[j]) else 0.0
-    yi = set(torch.nonzero(labels[i] != 0).flatten().tolist())
-    yj = set(torch.nonzero(labels[j] != 0).flatten().tolist())
-    inter, ni, nj = len(yi & yj), len(yi), len(yj)
-    if weighting in ("jaccard", "binary"):
-        den = ni + nj - inter
-        return inter / den if den else 0.0
-    if weighting == "dice":
-        return 2 * inter / (ni + nj) if ni + nj else 0.0
-    if weighting == "cosine":
-        return inter / math.sqrt(ni * nj) if ni * nj else 0.0
-    if weighting == "overlap":
-        return inter / min(ni, nj) if min(ni, nj) else 0.0
-    raise ValueError(weighting)
-
-
-def naive_loss(features: torch.Tensor, labels=None, *, temperature=0.07, base_temperature=0.07,
-               threshold=0.3, normalization="count", contrast_mode="all", reduction="mean",
-               weighting="jaccard", **_):
-    """The loss straight from the formula: rows image-major, one anchor at a time, float64.
-    Differentiable (torch ops), slow: keep M small."""
-    z = features.double()
-    flat = z.dim() == 2
-    if flat:
-        z = z[:, None]
-    B, V, D = z.shape
-    rows = z.reshape(B * V, D)
-    M = B * V
-    sims = [[label_sim(labels, i, j, weighting) for j in range(B)] for i in range(B)]
-    per_row, counted = [], []
-    for a in range(M):
-        i = a // V
-        if contrast_mode == "one" and a % V != 0:
-            continue
-        positives = []  # (b, weight)
-        for b in range(M):
-            j = b // V
-            if b == a:
-                continue
-            if i == j:
-                positives.append((b, 1.0))
-            elif sims[i][j] >= threshold and sims[i][j] > 0:
-                positives.append((b, 1.0 if weighting == "binary" else sims[i][j]))
-        if not positives:
-            per_row.append(rows.new_zeros(()) * rows.sum() * 0)
-            counted.append(False)
-            continue
-        logits = rows @ rows[a] / temperature
-        others = torch.cat([logits[:a], logits[a + 1:]])
-        lse = torch.logsumexp(others, 0)
-        total = sum(w * (logits[b] - lse) for b, w in positives)
-        norm = len(positives) if normalization == "count" else sum(w for _, w in positives)
-        per_row.append(-(temperature / base_temperature) * total / norm)
-        counted.append(True)
-    per = torch.stack(per_row)
-    if reduction == "none":
-        if flat or contrast_mode == "one":
-            return per
-        return per.view(B, V)
-    if reduction == "sum":
-        return per.sum()
-    n = sum(counted)
-    return per.sum() / max(n, 1)
-
-
-def naive_fn(features, labels=None, **options):
-    return naive_loss(features, labels, **options)
-
-
-def anchors_with_positive(features: torch.Tensor, labels, *, threshold=0.3, contrast_mode="all",
-                          weighting="jaccard", **_) -> torch.Tensor:
-    """Bool mask, shaped like reduction="none"'s output: which anchors have >= 1 positive."""
-    flat = features.dim() == 2
-    B = features.shape[0]
-    V = 1 if flat else features.shape[1]
-    out = torch.zeros(B, V, dtype=torch.bool)
-    for i in range(B):
-        other_image = any(
-            j != i and label_sim(labels, i, j, weighting) >= threshold
-            and label_sim(labels, i, j, weighting) > 0 for j in range(B))
-        out[i, :] = other_image or V > 1
-    if flat:
-        return out[:, 0]
-    return out[:, 0] if contrast_mode == "one" else out
 
 
 def assert_pair_close(got, expected, features: torch.Tensor, options: dict, rtol: float,

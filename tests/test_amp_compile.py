@@ -20,9 +20,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import modan_ext
-from modan_ext.reference import jaccard_supcon_loss_reference
+from loss_cases import Spec, assert_close, build, encoder, reference_fn
 
 IN_DIM, DIM, NUM_LABELS = 12, 16, 9
+LAYOUTS = {  # features' shape - labels
+    "3d-multi": dict(views=2, pattern="random"),
+    "3d-none": dict(views=2, pattern="none"),
+    "2d-ids": dict(views=0, pattern="class_ids"),
+}
 
 AMP_CASES = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
@@ -37,41 +42,28 @@ def _need(device: str) -> None:
         pytest.skip("CUDA autocast needs a GPU; none is visible on this machine")
 
 
-def make_batch(images=10, views=2, labels="multi", device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (images, views, IN_DIM) if views else (images, IN_DIM)
-    x = torch.randn(*shape, generator=gen)
-    if labels == "multi":
-        y = torch.rand(images, NUM_LABELS, generator=gen) < 0.3
-    elif labels == "ids":
-        y = torch.randint(0, 3, (images,), generator=gen)
-    else:
-        y = None
-    return x.to(device), None if y is None else y.to(device)
+def model_inputs(layout="3d-multi", images=10, device="cpu", seed=0):
+    """(encoder input [B, V, IN_DIM] or [B, IN_DIM], labels) in float32."""
+    spec = Spec(images=images, dim=IN_DIM, num_labels=NUM_LABELS, density=0.3, seed=seed,
+                **LAYOUTS[layout])
+    return build(spec).on(device, torch.float32)
 
 
-def make_model(device="cpu"):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(IN_DIM, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, DIM)).to(device)
-
-
-def rel_err(actual, expected) -> float:
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return float((a - e).abs().max()) / max(float(e.abs().max()), 1e-6)
+def close(actual, expected, rtol, what=""):
+    """max |actual - expected| <= rtol * max(max |expected|, 1e-6)."""
+    assert_close(actual, expected, rtol, what, floor=1e-6)
 
 
 # ---- autocast ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("layout", ["3d-multi", "3d-none", "2d-ids"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("device,dtype", AMP_CASES)
 def test_autocast_loss_is_float32_and_gradients_keep_the_input_dtype(device, dtype, layout,
                                                                      backend):
     _need(device)
-    shape, labels_kind = layout.split("-")
-    x, labels = make_batch(views=2 if shape == "3d" else 0, labels=labels_kind, device=device)
-    model = make_model(device)
+    x, labels = model_inputs(layout, device=device)
+    model = encoder(IN_DIM, DIM, device=device)
     for reduction in ("mean", "none"):
         model.zero_grad()
         with torch.autocast(device, dtype=dtype):
@@ -90,15 +82,14 @@ def test_autocast_loss_is_float32_and_gradients_keep_the_input_dtype(device, dty
         expected = modan_ext.jaccard_supcon_loss(upcast, labels, backend=backend,
                                                  reduction=reduction)
         expected.backward(upstream)
-        oracle = jaccard_supcon_loss_reference(features.detach().double(), labels,
-                                               reduction=reduction)
+        oracle = reference_fn(features.detach(), labels, reduction=reduction)
         same = 1e-6 if device == "cpu" else 1e-5  # CUDA: half inputs may take other MMA paths
-        assert rel_err(loss, expected) <= same, f"{reduction}: autocast vs float32 loss"
-        assert rel_err(loss, oracle) <= 2e-5, f"{reduction}: autocast vs float64 oracle"
+        close(loss, expected, same, f"{reduction}: autocast vs float32 loss")
+        close(loss, oracle, 2e-5, f"{reduction}: autocast vs float64 oracle")
         # The gradient is computed in float32 and rounded once to the half dtype.
         half_eps = torch.finfo(dtype).eps
-        assert rel_err(features.grad, upcast.grad) <= 2 * half_eps, \
-            f"{reduction}: features' gradient vs float32 path"
+        close(features.grad, upcast.grad, 2 * half_eps,
+              f"{reduction}: features' gradient vs float32 path")
 
 
 # ---- torch.compile -----------------------------------------------------------------------------
@@ -126,59 +117,58 @@ def loss_and_grads(step, model, x, labels):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def assert_matches_eager(got, eager, grad_rtol=1e-5):
+    """(loss, parameter gradients) of a compiled step against the eager step's."""
+    close(got[0], eager[0], 1e-6, "loss")
+    for k, (g, e) in enumerate(zip(got[1], eager[1])):
+        close(g, e, grad_rtol, f"gradient of parameter {k}")
+
+
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
-@pytest.mark.parametrize("layout", ["3d-multi", "3d-none", "2d-ids"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_compiled_step_has_no_graph_break_and_matches_eager(layout, backend):
-    shape, labels_kind = layout.split("-")
-    x, labels = make_batch(views=2 if shape == "3d" else 0, labels=labels_kind)
-    model = make_model()
+    x, labels = model_inputs(layout)
+    model = encoder(IN_DIM, DIM)
     step = make_step(model, backend=backend, temperature=0.1)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter)
-    loss, grads = loss_and_grads(compiled, model, x, labels)
-    eager_loss, eager_grads = loss_and_grads(step, model, x, labels)
+    got = loss_and_grads(compiled, model, x, labels)
+    eager = loss_and_grads(step, model, x, labels)
     assert counter.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
-    assert rel_err(loss, eager_loss) <= 1e-6
-    for g, e in zip(grads, eager_grads):
-        assert rel_err(g, e) <= 1e-5
+    assert_matches_eager(got, eager)
 
 
 def test_compiled_step_with_gather_flag_in_one_process():
     """gather_distributed=True without a process group is the plain loss, also when compiled."""
-    x, labels = make_batch()
-    model = make_model()
+    x, labels = model_inputs()
+    model = encoder(IN_DIM, DIM)
     step = make_step(model, gather_distributed=True)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss, grads = loss_and_grads(compiled, model, x, labels)
-    eager_loss, eager_grads = loss_and_grads(make_step(model), model, x, labels)
-    assert rel_err(loss, eager_loss) <= 1e-6
-    for g, e in zip(grads, eager_grads):
-        assert rel_err(g, e) <= 1e-5
+    got = loss_and_grads(compiled, model, x, labels)
+    assert_matches_eager(got, loss_and_grads(make_step(model), model, x, labels))
 
 
 def test_compiled_step_under_autocast():
-    x, labels = make_batch()
-    model = make_model()
+    x, labels = model_inputs()
+    model = encoder(IN_DIM, DIM)
     step = make_step(model)
 
     def amp_step(x, labels):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return step(x, labels)
     compiled = torch.compile(amp_step, fullgraph=True, backend="aot_eager")
-    loss, grads = loss_and_grads(compiled, model, x, labels)
-    eager_loss, eager_grads = loss_and_grads(amp_step, model, x, labels)
-    assert loss.dtype == torch.float32 and not counters["graph_break"]
-    assert rel_err(loss, eager_loss) <= 1e-6
-    for g, e in zip(grads, eager_grads):
-        assert rel_err(g, e) <= 1e-2  # bf16 model: the two graphs may round differently
+    got = loss_and_grads(compiled, model, x, labels)
+    assert got[0].dtype == torch.float32 and not counters["graph_break"]
+    # bf16 model: the two graphs may round the gradients differently
+    assert_matches_eager(got, loss_and_grads(amp_step, model, x, labels), grad_rtol=1e-2)
 
 
 def test_compiled_step_including_backward():
     """loss.backward() inside the compiled function (dynamo's trace_autograd_ops)."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         pytest.skip("this torch has no torch._dynamo.config.trace_autograd_ops")
-    x, labels = make_batch()
-    model = make_model()
+    x, labels = model_inputs()
+    model = encoder(IN_DIM, DIM)
     step = make_step(model)
 
     def train_step(x, labels):
@@ -189,10 +179,7 @@ def test_compiled_step_including_backward():
         model.zero_grad()
         loss = torch.compile(train_step, fullgraph=True, backend="aot_eager")(x, labels)
         grads = [p.grad.clone() for p in model.parameters()]
-    eager_loss, eager_grads = loss_and_grads(step, model, x, labels)
-    assert rel_err(loss, eager_loss) <= 1e-6
-    for g, e in zip(grads, eager_grads):
-        assert rel_err(g, e) <= 1e-5
+    assert_matches_eager((loss, grads), loss_and_grads(step, model, x, labels))
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
@@ -200,18 +187,18 @@ def test_compiled_step_including_backward():
 def test_new_batch_sizes_do_not_recompile(mark_dynamic, backend):
     """Needs the op schema's views/anchor range as SymInt (csrc/supcon.cpp): with `int`, dynamo
     specialises them, hence the batch size, and recompiles for every size."""
-    model = make_model()
+    model = encoder(IN_DIM, DIM)
     step = make_step(model, backend=backend)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     for images in (6, 9, 12, 15, 20):
-        x, labels = make_batch(images=images, seed=images)
+        x, labels = model_inputs(images=images, seed=images)
         if mark_dynamic:
             torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(labels, 0)
         loss, _ = loss_and_grads(compiled, model, x, labels)
         eager_loss, _ = loss_and_grads(step, model, x, labels)
-        assert rel_err(loss, eager_loss) <= 1e-6, f"batch of {images} images"
+        close(loss, eager_loss, 1e-6, f"batch of {images} images")
     # automatic dynamic shapes: the first size is compiled static, the second dynamic, then reuse
     assert counter.frame_count == (1 if mark_dynamic else 2), \
         f"{counter.frame_count} compilations for 5 batch sizes"

@@ -14,23 +14,16 @@ import torch
 import torch.nn.functional as F
 
 import modan_ext
-from loss_cases import DEVICES, Spec, assert_close, build, reference_fn, require_kernel, run_loss
-
-BACKENDS = [pytest.param(device, backend, id=f"{device}-{backend}")
-            for device in DEVICES for backend in ("reference", "kernel")]
+from loss_cases import (DEVICE_BACKENDS, Spec, assert_close, build, loss_fn, reference_fn,
+                        require_kernel, run_loss)
+from modan_ext.options import REDUCTIONS
 
 
 def callers(device, backend):
     """The ways a user reaches the loss: the function and the module."""
-    if backend == "kernel":
-        require_kernel(device)
-
-    def function(features, labels=None, **options):
-        return modan_ext.jaccard_supcon_loss(features, labels, backend=backend, **options)
-
     def module(features, labels=None, **options):
         return modan_ext.JaccardSupConLoss(backend=backend, **options)(features, labels)
-    return [function, module]
+    return [loss_fn(device, backend), module]
 
 
 def unit(*shape, device="cpu", dtype=torch.float32, seed=0):
@@ -58,7 +51,7 @@ def raises(exc, *fragments):
 
 # ---- shapes ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(8,), (2, 2, 2, 8), ()], ids=["1d", "4d", "0d"])
 def test_features_of_wrong_rank(device, backend, shape):
     for call in callers(device, backend):
@@ -67,7 +60,7 @@ def test_features_of_wrong_rank(device, backend, shape):
             call(features, torch.zeros(2, 3, device=device))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_labels_of_wrong_rank(device, backend):
     for call in callers(device, backend):
         with raises(ValueError, "labels", "shape"):
@@ -76,7 +69,7 @@ def test_labels_of_wrong_rank(device, backend):
             call(unit(4, 2, 8, device=device), torch.tensor(1, device=device))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_mismatched_batch(device, backend):
     for call in callers(device, backend):
         # 3-D features: labels are per image (B), not per row (B * V)
@@ -88,14 +81,14 @@ def test_mismatched_batch(device, backend):
             call(unit(6, 8, device=device), torch.zeros(5, 2, device=device))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_labels_none_with_2d_features(device, backend):
     for call in callers(device, backend):
         with raises(ValueError, "labels=None", "[B, V, D]"):
             call(unit(6, 8, device=device), None)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_multi_hot_without_columns(device, backend):
     for call in callers(device, backend):
         with raises(ValueError, "labels", "columns"):
@@ -104,7 +97,7 @@ def test_multi_hot_without_columns(device, backend):
 
 # ---- label values and dtypes -------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("bad", [2, -1, 0.5, float("nan")], ids=["2", "-1", "0.5", "nan"])
 def test_non_binary_multi_hot_labels(device, backend, bad):
     for call in callers(device, backend):
@@ -117,7 +110,7 @@ def test_non_binary_multi_hot_labels(device, backend, bad):
                 call(unit(4, 2, 8, device=device), labels.long())
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_one_dimensional_labels_must_be_integer_ids(device, backend, dtype):
     for call in callers(device, backend):
@@ -125,7 +118,7 @@ def test_one_dimensional_labels_must_be_integer_ids(device, backend, dtype):
             call(unit(4, 2, 8, device=device), torch.zeros(4, device=device, dtype=dtype))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_labels_that_are_not_tensors(device, backend):
     for call in callers(device, backend):
         with raises(TypeError, "labels"):
@@ -134,7 +127,7 @@ def test_labels_that_are_not_tensors(device, backend):
 
 # ---- feature values and dtypes -----------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
                                    torch.complex64])
 def test_non_floating_features(device, backend, dtype):
@@ -144,14 +137,14 @@ def test_non_floating_features(device, backend, dtype):
             call(features, torch.zeros(4, 3, device=device))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_features_that_are_not_tensors(device, backend):
     for call in callers(device, backend):
         with raises(TypeError, "features", "tensor"):
             call(np.ones((4, 2, 8), dtype=np.float32), torch.zeros(4, 3))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_features_raise_by_default(device, backend, bad):
     for call in callers(device, backend):
@@ -163,9 +156,9 @@ def test_non_finite_features_raise_by_default(device, backend, bad):
             call(features, None, nan_policy="raise")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_non_finite_features_propagate_when_asked(device, backend, bad, reduction):
     for call in callers(device, backend):
         features = unit(4, 2, 8, device=device)
@@ -177,7 +170,7 @@ def test_non_finite_features_propagate_when_asked(device, backend, bad, reductio
 
 # ---- empty and tiny batches --------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("features_shape,labels_shape", [
     ((0, 2, 8), (0, 3)), ((0, 8), (0, 3)), ((0, 2, 8), None), ((0, 8), (0,)),
 ], ids=["3d", "2d", "3d-none", "2d-ids"])
@@ -189,7 +182,7 @@ def test_empty_batch(device, backend, features_shape, labels_shape):
             call(torch.zeros(features_shape, device=device), labels)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(4, 0, 8), (4, 2, 0), (4, 0)], ids=["V=0", "D=0", "2d-D=0"])
 def test_zero_sized_view_or_dim(device, backend, shape):
     for call in callers(device, backend):
@@ -197,7 +190,7 @@ def test_zero_sized_view_or_dim(device, backend, shape):
             call(torch.zeros(shape, device=device), torch.zeros(4, 3, device=device))
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("make", [
     lambda d: (unit(1, 8, device=d, dtype=torch.float64), torch.ones(1, 3, device=d)),
     lambda d: (unit(1, 8, device=d, dtype=torch.float64), torch.zeros(1, dtype=torch.long,
@@ -209,7 +202,7 @@ def test_single_row(device, backend, make):
     a zero gradient (reduction="none": one zero), never NaN."""
     features, labels = make(device)
     for call in callers(device, backend):
-        for reduction in ("mean", "sum", "none"):
+        for reduction in REDUCTIONS:
             loss, grad = run_loss(call, features, labels, reduction=reduction)
             if reduction == "none":  # [M] for 2-D features, [B, V] for 3-D
                 assert loss.shape == features.shape[:-1], loss.shape
@@ -218,7 +211,7 @@ def test_single_row(device, backend, make):
             assert torch.all(loss == 0) and torch.all(grad == 0), (reduction, loss, grad)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_two_rows_one_image(device, backend):
     """M = 2, both views of one image: p = 1, so the loss is 0 (up to rounding), finite."""
     for call in callers(device, backend):
@@ -269,7 +262,7 @@ def test_kernel_backend_without_a_kernel_names_the_device():
                                       backend="kernel")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_non_contiguous_inputs_work_and_match(device, backend):
     case = build(Spec(images=6, views=3, dim=10, pattern="mixed", seed=4), reduction="none")
     features, labels = case.on(device, torch.float64)
@@ -331,7 +324,7 @@ def test_bad_options(options, exc, fragments):
             modan_ext.reference.jaccard_supcon_loss_reference(features, labels, **options)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("threshold", [0.0, 1.0])
 def test_threshold_bounds_are_valid(device, backend, threshold):
     for call in callers(device, backend):
@@ -343,9 +336,9 @@ def test_threshold_bounds_are_valid(device, backend, threshold):
 def test_fallback_warns_once(monkeypatch):
     """No compiled kernel for the device: "auto" falls back to the reference with ONE warning,
     and gives the reference's result."""
-    from modan_ext import ops
+    from modan_ext import loss, ops
     monkeypatch.setattr(ops, "kernel_available", lambda device: False)
-    monkeypatch.setattr(ops, "_warned", False)
+    monkeypatch.setattr(loss, "_warned", False)
     features, labels = unit(4, 2, 8, dtype=torch.float64), torch.eye(4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -2,10 +2,12 @@
 
 opcheck (schema, fake kernels, autograd registration, AOT dispatch), gradcheck in float64 through
 the kernel, torch.compile(fullgraph=True), a clear error on double backward, and the op contract
-of DEVELOPERS.md read directly: image-major rows, anchor ranges, per-row statistics, NaN.
+of ARCHITECTURE.md read directly: image-major rows, anchor ranges, per-row statistics, NaN, and
+the integer codes of `modan_ext.options` against the compiled enums.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import modan_ext
+from loss_cases import DEVICES, Spec, assert_close, build, reference_fn, require_kernel, run_loss
 from modan_ext import ops
 from modan_ext._validation import check_options
-from loss_cases import (DEVICES, Spec, assert_close, build, label_sim, naive_loss,
-                        reference_fn, require_kernel, run_loss)
+from modan_ext.options import (CONTRAST_MODES, LABEL_KIND_CODES, NORMALIZATION_CODES,
+                               WEIGHTING_CODES, WEIGHTINGS)
+from naive_oracle import label_sim, naive_loss
 
 fwd = torch.ops.modan_ext.supcon_fwd
 bwd = torch.ops.modan_ext.supcon_bwd
@@ -29,7 +33,7 @@ def device(request):
 
 
 def op_args(case, device, dtype, anchor_begin=0, anchor_end=None, allow_tf32=False):
-    """The canonical supcon_fwd arguments for `case`, built from the contract in DEVELOPERS.md
+    """The canonical supcon_fwd arguments for `case`, built from the contract in ARCHITECTURE.md
     (the op-argument helpers of modan_ext.ops for the labels)."""
     opts = check_options(**case.options)
     features, labels = case.on(device, dtype)
@@ -39,8 +43,7 @@ def op_args(case, device, dtype, anchor_begin=0, anchor_end=None, allow_tf32=Fal
     end = z.shape[0] if anchor_end is None else anchor_end
     return (z, packed, kind, views, anchor_begin, end, opts.contrast_mode == "one",
             opts.temperature, opts.base_temperature, opts.threshold,
-            ops.WEIGHTING_CODES[opts.weighting], ops.NORMALIZATION_CODES[opts.normalization],
-            allow_tf32)
+            WEIGHTING_CODES[opts.weighting], NORMALIZATION_CODES[opts.normalization], allow_tf32)
 
 
 def bwd_args(args, grad_loss, stats):
@@ -137,6 +140,55 @@ def test_rows_are_image_major_and_stats_are_the_contract(device, spec, options):
         assert_close(stats[r, :1].cpu(), expected[:1], 1e-12, f"stats lse row {r}")
         expected_loss = naive.reshape(-1)[r]
         assert_close(loss[r:r + 1].cpu(), expected_loss.reshape(1), 1e-10, f"loss row {r}")
+
+
+def _count_and_omega(labels, weighting: str, threshold: float):
+    """|P(a)| and Σ w over P(a) of every anchor of a one-view batch, from the formula."""
+    count, omega = [], []
+    for i in range(labels.shape[0]):
+        sims = [label_sim(labels, i, j, weighting) for j in range(labels.shape[0]) if j != i]
+        weights = [1.0 if weighting == "binary" else s for s in sims if s >= threshold and s > 0]
+        count.append(len(weights))
+        omega.append(math.fsum(weights))
+    return (torch.tensor(count, dtype=torch.float64), torch.tensor(omega, dtype=torch.float64))
+
+
+def test_codes_match_the_compiled_enums(device):
+    """Each code of `modan_ext.options` makes the op do what its name says (per-row statistics
+    against the formula), so a table that drifts from the C++ enums (csrc/supcon_pair.h) fails
+    here. The batch is chosen so that every weighting, both normalizations and both label kinds
+    give different statistics (checked first: the test has teeth)."""
+    labels = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 1], [0, 0, 0, 1]],
+                          dtype=torch.bool)
+    z = F.normalize(torch.randn(5, 6, generator=torch.Generator().manual_seed(0),
+                                dtype=torch.float64), dim=-1).to(device)
+
+    def stats(labels_for_op, kind, weighting, normalization):
+        return fwd(z, labels_for_op.to(device), kind, 1, 0, 5, False, 0.1, 0.1, 0.3,
+                   weighting, normalization, False)[1].cpu()
+
+    expected = {w: _count_and_omega(labels, w, 0.3) for w in WEIGHTINGS}
+    for a, b in itertools.combinations(WEIGHTINGS, 2):
+        assert not torch.equal(expected[a][1], expected[b][1]), f"{a} and {b} look alike here"
+    assert not torch.equal(*expected["jaccard"]), "count and weight normalization look alike"
+    packed = ops.pack_labels(labels)
+    for (weighting, w_code), (normalization, n_code) in itertools.product(
+            WEIGHTING_CODES.items(), NORMALIZATION_CODES.items()):
+        count, omega = expected[weighting]
+        norm = count if normalization == "count" else omega
+        got = stats(packed, LABEL_KIND_CODES["multi_hot"], w_code, n_code)
+        assert_close(got[:, 1:], torch.stack([count, omega, norm], 1), 1e-12,
+                     f"stats (count, omega, norm) of {weighting}/{normalization}")
+
+    # The same int64 column read as class ids (equal ids) and as one word of label bits.
+    ids = torch.tensor([1, 3, 2, 1, 0])
+    as_ids, _ = _count_and_omega(ids, "jaccard", 0.3)
+    as_bits, _ = _count_and_omega((ids[:, None] >> torch.arange(2)) & 1, "jaccard", 0.3)
+    assert not torch.equal(as_ids, as_bits)
+    jaccard, count = WEIGHTING_CODES["jaccard"], NORMALIZATION_CODES["count"]
+    for kind, expected_count in (("class_ids", as_ids), ("multi_hot", as_bits)):
+        got = stats(ids[:, None], LABEL_KIND_CODES[kind], jaccard, count)
+        assert torch.equal(got[:, 1], expected_count), f"label kind {kind}: counts {got[:, 1]}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -420,7 +472,7 @@ def test_fused_memory_is_not_quadratic(threads):
     assert over < 32 * 2 ** 20, f"peak RSS {over / 2 ** 20:.1f} MiB over inputs + gradient"
 
 
-@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+@pytest.mark.parametrize("contrast_mode", CONTRAST_MODES)
 def test_non_contiguous_upstream_gradient(device, contrast_mode):
     """reduction="none" with an upstream gradient that is expanded or transposed (as autograd
     produces for e.g. loss.sum() or loss.T @ w) gives the same gradient as a contiguous one."""
@@ -521,8 +573,8 @@ def test_beyond_65536_rows_by_anchor_ranges(views):
     T, Tb, threshold = 0.1, 0.07, 0.3
     for weighting, normalization in (("jaccard", "count"), ("dice", "weight")):
         for begin, end in ((0, 40), (65500, 65560), (M - 37, M)):
-            args = (z, packed, ops.MULTI_HOT, views, begin, end, False, T, Tb, threshold,
-                    ops.WEIGHTING_CODES[weighting], ops.NORMALIZATION_CODES[normalization],
+            args = (z, packed, LABEL_KIND_CODES["multi_hot"], views, begin, end, False, T, Tb,
+                    threshold, WEIGHTING_CODES[weighting], NORMALIZATION_CODES[normalization],
                     False)
             loss, stats = fwd(*args)
             g = torch.randn(end - begin, generator=gen)

@@ -32,9 +32,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import ddp_step
 import modan_ext
+from loss_cases import Spec, assert_close, build, reference_fn, run_loss, upstream_like
 from modan_ext import distributed, ops
-from modan_ext.reference import jaccard_supcon_loss_reference
+from modan_ext._validation import check_options
+from modan_ext.options import CONTRAST_MODES, NORMALIZATIONS, REDUCTIONS, WEIGHTINGS
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -42,7 +45,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 HERE = Path(__file__).resolve().parent
 IN_DIM, DIM, NUM_LABELS = 6, 5, 7
 SPLITS = {2: {"even": (3, 3), "uneven": (4, 1)}, 3: {"even": (2, 2, 2), "uneven": (3, 1, 2)}}
-WEIGHTINGS = ("jaccard", "dice", "cosine", "overlap", "binary")
+LABEL_PATTERNS = {"none": "none", "ids": "class_ids", "multi": "random"}  # loss_cases patterns
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,8 @@ class DCase:
 
 def _cases(world: int) -> list[DCase]:
     out = []
-    grid = itertools.product((2, 0), ("none", "ids", "multi"), ("all", "one"),
-                             ("mean", "sum", "none"), ("kernel", "reference"), ("even", "uneven"))
+    grid = itertools.product((2, 0), tuple(LABEL_PATTERNS), CONTRAST_MODES, REDUCTIONS,
+                             ("kernel", "reference"), ("even", "uneven"))
     for k, (views, labels, mode, reduction, backend, split) in enumerate(grid):
         if views == 0 and labels == "none":
             continue  # SimCLR needs views
@@ -89,7 +92,8 @@ def _cases(world: int) -> list[DCase]:
         if views == 0:
             sizes = tuple(2 * s for s in sizes)
         out.append(DCase(world, sizes, views, labels, mode, reduction, backend,
-                         WEIGHTINGS[k % 5], ("count", "weight")[k % 2], seed=100 * world + k))
+                         WEIGHTINGS[k % len(WEIGHTINGS)], NORMALIZATIONS[k % len(NORMALIZATIONS)],
+                         seed=100 * world + k))
     uneven = SPLITS[world]["uneven"]
     out += [DCase(world, uneven, views=3, labels="multi", backend=b, seed=7) for b in
             ("kernel", "reference")]
@@ -113,20 +117,15 @@ ERROR_CASES = {w: _error_cases(w) for w in SPLITS}
 
 def make_global(case: DCase):
     """(x [B, V, IN] or [M, IN], P [IN, D], labels of the B images or None, upstream for 'none')."""
-    gen = torch.Generator().manual_seed(case.seed)
     total = sum(case.sizes)
-    shape = (total, case.views, IN_DIM) if case.views else (total, IN_DIM)
-    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    proj = torch.randn(IN_DIM, DIM, generator=gen, dtype=torch.float64)
-    if case.labels == "ids":
-        labels = torch.randint(-1, 3, (total,), generator=gen)
-    elif case.labels == "multi":
-        labels = torch.rand(total, NUM_LABELS, generator=gen) < 0.35
-    else:
-        labels = None
+    spec = Spec(images=total, views=case.views, dim=IN_DIM, pattern=LABEL_PATTERNS[case.labels],
+                num_labels=NUM_LABELS, density=0.35, seed=case.seed)
+    batch = build(spec)
+    proj = torch.randn(IN_DIM, DIM, generator=torch.Generator().manual_seed(case.seed),
+                       dtype=torch.float64)
     out_shape = (total, case.views) if case.views and case.contrast_mode == "all" else (total,)
-    upstream = torch.randn(out_shape, generator=gen, dtype=torch.float64)
-    return x, proj, labels, upstream
+    upstream = upstream_like(torch.zeros(out_shape, dtype=torch.float64), case.seed)
+    return batch.features, proj, batch.labels, upstream
 
 
 def features_of(x, proj, dtype: str):
@@ -228,7 +227,8 @@ def spawned(world: int, tmp_root: Path) -> list[dict]:
                 for p in ctx.processes:
                     p.kill()
                 pytest.fail(f"the {world} gloo processes did not finish within 120 s")
-        _SPAWNED[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+        _SPAWNED[world] = [torch.load(out / f"rank{r}.pt", weights_only=True)
+                           for r in range(world)]
     return _SPAWNED[world]
 
 
@@ -251,18 +251,15 @@ def oracle(case: DCase):
     x, proj, labels, upstream = make_global(case)
     x.requires_grad_(True)
     proj.requires_grad_(True)
-    f = features_of(x, proj, case.dtype).double()  # the same (rounded) values, float64 math
-    loss = jaccard_supcon_loss_reference(f, labels, **case.options())
+    f = features_of(x, proj, case.dtype)  # the oracle: the same (rounded) values, float64 math
+    loss = reference_fn(f, labels, **case.options())
     loss.backward(upstream if case.reduction == "none" else torch.ones((), dtype=torch.float64))
     return loss.detach(), x.grad, proj.grad
 
 
 def close(actual, expected, rtol, what):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = max(float(e.abs().max()), 1e-3)
-    err = float((a - e).abs().max())
-    assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.1e} x {scale:.3e}"
+    """max |actual - expected| <= rtol * max(max |expected|, 1e-3)."""
+    assert_close(actual, expected, rtol, what, floor=1e-3)
 
 
 TOLERANCES = {"float64": (1e-10, 1e-10), "float32": (2e-5, 2e-5), "bfloat16": (2e-5, 2e-2)}
@@ -327,13 +324,6 @@ def test_inconsistent_or_bad_input_raises_on_every_rank(case, tmp_root):
 
 # ---- one process: gather_distributed=True is gather_distributed=False ----------------------------
 
-def _single(features, labels, **options):
-    f = features.clone().requires_grad_(True)
-    loss = modan_ext.jaccard_supcon_loss(f, labels, **options)
-    loss.backward(torch.ones_like(loss))
-    return loss.detach(), f.grad
-
-
 @pytest.fixture
 def one_rank_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -342,9 +332,8 @@ def one_rank_group():
 
 
 def _small_problem():
-    gen = torch.Generator().manual_seed(3)
-    f = F.normalize(torch.randn(5, 2, 8, generator=gen, dtype=torch.float64), dim=-1)
-    return f, torch.rand(5, NUM_LABELS, generator=gen) < 0.4
+    return build(Spec(images=5, views=2, dim=8, pattern="random", num_labels=NUM_LABELS,
+                      density=0.4, seed=3)).on()
 
 
 @pytest.mark.parametrize("initialised", [False, True], ids=["no_group", "world_1"])
@@ -353,27 +342,29 @@ def test_gather_flag_without_other_ranks_is_a_no_op(initialised, request):
         request.getfixturevalue("one_rank_group")
     assert not distributed.is_active()
     f, labels = _small_problem()
-    for reduction in ("mean", "sum", "none"):
-        a = _single(f, labels, reduction=reduction, gather_distributed=True)
-        b = _single(f, labels, reduction=reduction, gather_distributed=False)
+    for reduction in REDUCTIONS:
+        a = run_loss(modan_ext.jaccard_supcon_loss, f, labels, reduction=reduction,
+                     gather_distributed=True)
+        b = run_loss(modan_ext.jaccard_supcon_loss, f, labels, reduction=reduction,
+                     gather_distributed=False)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
 def test_gathered_path_on_one_rank_matches_one_process(backend, one_rank_group):
     """The gather/anchor-range/scaling code itself, run with world_size 1 (in this process)."""
-    from modan_ext._validation import check_options
+    def gathered(features, labels, **options):
+        return distributed.gathered_loss(features, labels, check_options(**options),
+                                         lambda device: backend)
     f, labels = _small_problem()
-    for reduction in ("mean", "sum", "none"):
-        for mode in ("all", "one"):
-            opts = check_options(reduction=reduction, contrast_mode=mode)
-            g = f.clone().requires_grad_(True)
-            loss = distributed.gathered_loss(g, labels, opts, lambda device: backend)
-            loss.backward(torch.ones_like(loss))
-            expected, grad = _single(f, labels, reduction=reduction, contrast_mode=mode,
-                                     backend="reference")
+    for reduction in REDUCTIONS:
+        for mode in CONTRAST_MODES:
+            options = dict(reduction=reduction, contrast_mode=mode)
+            loss, grad = run_loss(gathered, f, labels, **options)
+            expected, expected_grad = run_loss(modan_ext.jaccard_supcon_loss, f, labels,
+                                               backend="reference", **options)
             close(loss, expected, 1e-10, f"{reduction}/{mode} loss")
-            close(g.grad, grad, 1e-10, f"{reduction}/{mode} gradient")
+            close(grad, expected_grad, 1e-10, f"{reduction}/{mode} gradient")
 
 
 def test_gather_flag_must_be_a_bool():
@@ -386,9 +377,6 @@ def test_gather_flag_must_be_a_bool():
 # ---- torchrun + DDP: parameters after one SGD step ----------------------------------------------
 
 def test_torchrun_ddp_step_matches_one_process(tmp_path):
-    sys.path.insert(0, str(HERE))
-    import ddp_step
-
     out = tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
@@ -397,7 +385,7 @@ def test_torchrun_ddp_step_matches_one_process(tmp_path):
            str(HERE / "ddp_step.py"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    got = torch.load(out)
+    got = torch.load(out, weights_only=True)
     for backend in ddp_step.BACKENDS:
         expected_loss, expected_params = ddp_step.one_process_step(backend)
         result = got[backend]

@@ -2,7 +2,7 @@
 
 float64 kernel vs float64 reference: ~1e-10 relative; float32 kernel vs float64 reference (same
 input values): ~1e-5 relative (see `loss_cases.tolerance`). The reference itself is checked against
-a second oracle written from the formula anchor by anchor (`loss_cases.naive_loss`), so a shared
+a second oracle written from the formula anchor by anchor (`naive_oracle.naive_loss`), so a shared
 misreading of the layout or of an option would not pass silently.
 """
 from __future__ import annotations
@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 import modan_ext
 from loss_cases import (DEVICES, GRID, LABEL_PATTERNS, Spec, assert_close, build, cases,
-                        examples, kernel_fn, naive_fn, natural_scales, option_sets, reference_fn,
+                        examples, kernel_fn, natural_scales, option_sets, reference_fn,
                         require_kernel, run_loss, specs, tolerance)
+from modan_ext.options import WEIGHTINGS
+from naive_oracle import naive_fn
 
 
 def compare(case, device, dtype, fn=kernel_fn, oracle=reference_fn, seed=0, rtol=None):
@@ -65,20 +67,13 @@ def test_kernel_matches_naive_oracle(spec, options, device):
     compare(build(spec, **options), device, torch.float64, oracle=naive_fn)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=examples(400))
 @given(case=cases(), seed=st.integers(0, 2**16))
-def test_kernel_matches_reference_float64(device, case, seed):
+def test_kernel_matches_reference(device, dtype, case, seed):
     require_kernel(device)
-    compare(case, device, torch.float64, seed=seed)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=examples(400))
-@given(case=cases(), seed=st.integers(0, 2**16))
-def test_kernel_matches_reference_float32(device, case, seed):
-    require_kernel(device)
-    compare(case, device, torch.float32, seed=seed)
+    compare(case, device, dtype, seed=seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,7 +92,7 @@ def test_kernel_matches_reference_unnormalised(device, spec, options, dtype):
 def test_kernel_matches_reference_label_words(device, num_labels, pattern):
     """Label counts at and around the 64-bit word boundaries of the packed labels."""
     require_kernel(device)
-    for weighting in ("jaccard", "dice", "cosine", "overlap", "binary"):
+    for weighting in WEIGHTINGS:
         spec = Spec(images=9, views=2, dim=8, pattern=pattern, num_labels=num_labels,
                     density=0.5, seed=num_labels)
         compare(build(spec, weighting=weighting, threshold=0.2, reduction="none"), device,
@@ -124,7 +119,7 @@ def test_high_label_bits_are_read(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weighting", ["jaccard", "dice", "cosine", "overlap", "binary"])
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_threshold_ties(device, weighting, dtype):
     """A pair whose label similarity equals the threshold is a positive (>=), also in float32.

@@ -14,22 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import modan_ext
-from loss_cases import (DEVICES, MULTI_HOT_PATTERNS, Spec, anchors_with_positive, assert_close,
-                        assert_pair_close, build, cases, examples, natural_scales, option_sets,
-                        reference_fn, require_kernel, run_loss, specs)
-
-BACKENDS = [pytest.param(device, backend, id=f"{device}-{backend}")
-            for device in DEVICES for backend in ("reference", "kernel")]
-
-
-def loss_fn(device, backend):
-    """The public function pinned to `backend` (skips/fails when the kernel is missing)."""
-    if backend == "kernel":
-        require_kernel(device)
-
-    def fn(features, labels=None, **options):
-        return modan_ext.jaccard_supcon_loss(features, labels, backend=backend, **options)
-    return fn
+from loss_cases import (DEVICE_BACKENDS, MULTI_HOT_PATTERNS, Spec, assert_close,
+                        assert_pair_close, build, cases, examples, loss_fn, natural_scales,
+                        option_sets, reference_fn, run_loss, specs)
+from modan_ext.options import NORMALIZATIONS, REDUCTIONS, WEIGHTINGS
+from naive_oracle import anchors_with_positive
 
 
 TOL = 1e-10  # float64 everywhere in this file unless stated
@@ -66,13 +55,13 @@ def pml_supcon(features: torch.Tensor, class_ids: torch.Tensor, temperature: flo
     return SupConLoss(temperature=temperature)(embeddings, labels)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(50))
 @given(images=st.integers(2, 12), views=st.sampled_from([1, 2, 3]),
        classes=st.integers(2, 5), dim=st.integers(2, 40),
        temperature=st.sampled_from([0.07, 0.1, 0.5, 1.0]), threshold=st.floats(0.01, 1.0),
-       weighting=st.sampled_from(["jaccard", "dice", "cosine", "overlap", "binary"]),
-       normalization=st.sampled_from(["count", "weight"]), seed=st.integers(0, 2**20))
+       weighting=st.sampled_from(WEIGHTINGS),
+       normalization=st.sampled_from(NORMALIZATIONS), seed=st.integers(0, 2**20))
 def test_one_hot_labels_equal_pml_supcon(device, backend, images, views, classes, dim,
                                          temperature, threshold, weighting, normalization,
                                          seed):
@@ -114,7 +103,7 @@ def simclr_nt_xent(features: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(logits, target)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("images", [2, 5, 16])
 def test_identity_labels_equal_simclr(device, backend, images):
     NTXentLoss = pytest.importorskip(
@@ -148,54 +137,54 @@ def test_identity_labels_equal_simclr(device, backend, images):
 
 # ---- invariances -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+def assert_permutes(fn, case, device, permute, permute_labels, reductions, what):
+    """Permuting the inputs (`permute` on features, `permute_labels` on labels) permutes the
+    per-anchor losses alike and leaves each reduced loss unchanged, its gradient permuted."""
+    features, labels = case.on(device)
+    p_features = permute(features)
+    p_labels = None if labels is None else permute_labels(labels)
+    opts = dict(case.options, reduction="none")
+    loss, _ = run_loss(fn, features, labels, **opts)
+    p_loss, _ = run_loss(fn, p_features, p_labels, **opts)
+    # the upstream gradient of run_loss is fixed by position: the gradients are compared through
+    # the reduced losses below instead
+    lf, _ = natural_scales(features, opts)
+    assert_close(p_loss, permute(loss), TOL, f"per-anchor loss under a {what}", lf)
+    for reduction in reductions:
+        opts = dict(case.options, reduction=reduction)
+        l1, g1 = run_loss(fn, features, labels, **opts)
+        l2, g2 = run_loss(fn, p_features, p_labels, **opts)
+        assert_pair_close((l2, g2), (l1, permute(g1)), features, opts, TOL,
+                          f"{reduction}, {what}")
+
+
+def _permutation(n: int, seed: int, device) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(60))
 @given(case=cases(), seed=st.integers(0, 2**20))
 def test_permuting_the_batch(device, backend, case, seed):
     """Permuting the images (rows with 2-D features) permutes per-anchor losses and gradients
     and leaves reduced losses unchanged."""
-    fn = loss_fn(device, backend)
-    features, labels = case.on(device)
-    perm = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
-    perm = perm.to(device)
-    opts = dict(case.options, reduction="none")
-    loss, grad = run_loss(fn, features, labels, **opts)
-    p_labels = None if labels is None else labels[perm]
-    p_loss, p_grad = run_loss(fn, features[perm], p_labels, seed=0, **opts)
-    # the upstream gradient of run_loss is fixed by position, so compare with sums instead:
-    # per-anchor losses permute; the gradient of sum(loss) permutes.
-    lf, _ = natural_scales(features, opts)
-    assert_close(p_loss, loss[perm], TOL, "per-anchor loss under a batch permutation", lf)
-    for reduction in ("mean", "sum"):
-        opts = dict(case.options, reduction=reduction)
-        l1, g1 = run_loss(fn, features, labels, **opts)
-        l2, g2 = run_loss(fn, features[perm], p_labels, **opts)
-        assert_pair_close((l2, g2), (l1, g1[perm]), features, opts, TOL,
-                          f"{reduction}, batch permutation")
+    perm = _permutation(case.spec.images, seed, device)
+    assert_permutes(loss_fn(device, backend), case, device, lambda t: t[perm],
+                    lambda labels: labels[perm], ("mean", "sum"), "batch permutation")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(case=cases(spec_kwargs=dict(flat=False), option_kwargs=dict(contrast_modes=("all",))),
        seed=st.integers(0, 2**20))
 def test_permuting_the_views(device, backend, case, seed):
     """With contrast_mode="all", the order of the V views is arbitrary."""
-    fn = loss_fn(device, backend)
-    features, labels = case.on(device)
-    perm = torch.randperm(features.shape[1], generator=torch.Generator().manual_seed(seed))
-    perm = perm.to(device)
-    opts = dict(case.options, reduction="none")
-    loss, _ = run_loss(fn, features, labels, **opts)
-    p_loss, _ = run_loss(fn, features[:, perm], labels, **opts)
-    lf, _ = natural_scales(features, opts)
-    assert_close(p_loss, loss[:, perm], TOL, "per-anchor loss under a view permutation", lf)
-    opts = dict(case.options, reduction="mean")
-    l1, g1 = run_loss(fn, features, labels, **opts)
-    l2, g2 = run_loss(fn, features[:, perm], labels, **opts)
-    assert_pair_close((l2, g2), (l1, g1[:, perm]), features, opts, TOL, "view permutation")
+    perm = _permutation(case.spec.views, seed, device)
+    assert_permutes(loss_fn(device, backend), case, device, lambda t: t[:, perm],
+                    lambda labels: labels, ("mean",), "view permutation")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(60))
 @given(spec=specs(patterns=MULTI_HOT_PATTERNS), options=option_sets(),
        seed=st.integers(0, 2**20))
@@ -203,14 +192,14 @@ def test_permuting_label_columns(device, backend, spec, options, seed):
     fn = loss_fn(device, backend)
     case = build(spec, **options)
     features, labels = case.on(device)
-    perm = torch.randperm(labels.shape[1], generator=torch.Generator().manual_seed(seed))
+    perm = _permutation(labels.shape[1], seed, device)
     loss, grad = run_loss(fn, features, labels, **case.options)
-    p_loss, p_grad = run_loss(fn, features, labels[:, perm.to(device)], **case.options)
+    p_loss, p_grad = run_loss(fn, features, labels[:, perm], **case.options)
     assert_pair_close((p_loss, p_grad), (loss, grad), features, case.options, TOL,
                       "label-column permutation")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(60))
 @given(case=cases(spec_kwargs=dict(scales=(1.0, 2.5))), seed=st.integers(0, 2**20))
 def test_rotating_the_features(device, backend, case, seed):
@@ -230,13 +219,13 @@ def test_rotating_the_features(device, backend, case, seed):
 
 # ---- structure of the gradient -----------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(60))
 @given(case=cases(spec_kwargs=dict(max_rows=24), option_kwargs=dict(reductions=("none",))),
        anchor_seed=st.integers(0, 2**20))
 def test_row_of_dl_ds_sums_to_zero(device, backend, case, anchor_seed):
     """Σ_b ∂ℓ_a/∂s_ab = 0 for every anchor a (the softmax's rows sum to one and the weights
-    cancel, DEVELOPERS.md).
+    cancel, ARCHITECTURE.md "The op contract").
 
     Seen through autograd on the features with the upstream gradient e_a (only ℓ_a): for b ≠ a,
     ∂ℓ_a/∂z_b = (∂ℓ_a/∂s_ab) z_a, so Σ_{b≠a} ∂ℓ_a/∂z_b = (Σ_b ∂ℓ_a/∂s_ab) z_a must vanish,
@@ -280,7 +269,7 @@ NO_POSITIVE = [
 ]
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("make", NO_POSITIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_no_positive_gives_zero_loss_and_gradient(device, backend, make, dtype):
@@ -289,13 +278,13 @@ def test_no_positive_gives_zero_loss_and_gradient(device, backend, make, dtype):
     z, labels = make()
     z = F.normalize(z, dim=-1).to(device, dtype)
     labels = None if labels is None else labels.to(device)
-    for reduction in ("mean", "sum", "none"):
+    for reduction in REDUCTIONS:
         loss, grad = run_loss(fn, z, labels, threshold=0.5, reduction=reduction)
         assert torch.all(loss == 0), f"{reduction}: loss {loss}"
         assert torch.all(grad == 0), f"{reduction}: gradient {grad}"
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_anchor_without_positive_gets_zero_and_does_not_count(device, backend):
     """reduction="mean" averages over the anchors that have a positive only."""
     fn = loss_fn(device, backend)
@@ -311,7 +300,7 @@ def test_anchor_without_positive_gets_zero_and_does_not_count(device, backend):
 
 # ---- numerics ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("norm", [30.0, 1e3])
 def test_large_norm_features_stay_finite(device, backend, dtype, norm):
@@ -337,7 +326,7 @@ def test_large_norm_features_stay_finite(device, backend, dtype, norm):
 
 # ---- consistency between options ---------------------------------------------------------------
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(case=cases(spec_kwargs=dict(flat=False)))
 def test_contrast_mode_one_is_view_zero_of_all(device, backend, case):
@@ -350,7 +339,7 @@ def test_contrast_mode_one_is_view_zero_of_all(device, backend, case):
     assert_close(one, all_[:, 0], TOL, "contrast_mode='one' vs view 0 of 'all'", lf)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(spec=specs(patterns=MULTI_HOT_PATTERNS + ("class_ids",), flat=False),
        options=option_sets())
@@ -365,7 +354,7 @@ def test_one_view_equals_2d_features(device, backend, spec, options):
                       case.options, TOL, "[B,1,D] vs [B,D]")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(case=cases(option_kwargs=dict(reductions=("none",))))
 def test_reductions_agree(device, backend, case):
@@ -383,7 +372,7 @@ def test_reductions_agree(device, backend, case):
                  "mean == sum over anchors with a positive / their number", lf)
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(case=cases(), factor=st.sampled_from([0.5, 2.0, 3.0]))
 def test_base_temperature_scales_the_loss(device, backend, case, factor):
@@ -397,7 +386,7 @@ def test_base_temperature_scales_the_loss(device, backend, case, factor):
                       "x T_base")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(case=cases(option_kwargs=dict(weightings=("binary",))))
 def test_binary_weights_make_normalizations_equal(device, backend, case):
@@ -410,7 +399,7 @@ def test_binary_weights_make_normalizations_equal(device, backend, case):
                       "binary: count vs weight normalization")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(40))
 @given(spec=specs(patterns=("mixed", "random", "one_hot", "identical", "zero")),
        options=option_sets(weightings=("jaccard", "binary")))
@@ -430,7 +419,7 @@ def test_jaccard_threshold_one_equals_class_ids(device, backend, spec, options):
                       "multi-hot at threshold 1 vs class ids")
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @settings(max_examples=examples(30))
 @given(spec=specs(patterns=MULTI_HOT_PATTERNS), options=option_sets())
 def test_label_dtypes_are_equivalent(device, backend, spec, options):
@@ -443,7 +432,7 @@ def test_label_dtypes_are_equivalent(device, backend, spec, options):
         assert torch.equal(loss, expected) and torch.equal(grad, expected_grad), dtype
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_threshold_zero_means_any_shared_label(device, backend):
     """threshold=0 makes every pair with similarity > 0 a positive, never a pair with none."""
     fn = loss_fn(device, backend)
@@ -456,12 +445,12 @@ def test_threshold_zero_means_any_shared_label(device, backend):
     assert per[2] == 0 and per[3] == 0 and per[0] > 0 and per[1] > 0
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_nan_propagates_with_propagate_policy(device, backend):
     fn = loss_fn(device, backend)
     for bad in (float("nan"), float("inf")):
         z = F.normalize(torch.randn(4, 2, 6, dtype=torch.float64), dim=-1).to(device)
         z[1, 0, 3] = bad
-        for reduction in ("mean", "sum", "none"):
+        for reduction in REDUCTIONS:
             loss = fn(z, None, nan_policy="propagate", reduction=reduction)
             assert torch.isnan(loss).all(), (bad, reduction, loss)
