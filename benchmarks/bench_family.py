@@ -6,8 +6,8 @@ forward+backward of the fused kernel on one problem. Target: every mode within 5
     python benchmarks/bench_family.py --quick     # smoke run: M = 1024, 3 rounds
     python benchmarks/bench_family.py --device cuda
 
-Problem: as bench_loss.py (V = 2, B = M / 2, unit-norm float32 features, L = 12 paper-like labels:
-1 of 3 modalities + 1 of 9 anatomies), threshold 0.3, T = T_base = 0.07, reduction "mean".
+Problem: _common.make_inputs (V = 2, B = M / 2, unit-norm float32 features, L = 12 paper-like
+labels: 1 of 3 modalities + 1 of 9 anatomies), threshold 0.3, T = T_base = 0.07, reduction "mean".
 Timing: one warm-up pass per mode, then `--rounds` rounds; each round times every mode once, in a
 rotated order, so that a slow spell of a shared machine hits every mode alike. Reported: median
 and min per mode, and each mode's median (and min) over jaccard's.
@@ -20,10 +20,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import cpu_name, make_inputs  # noqa: E402  (same problem as the main bench)
-
-MODES = ("jaccard", "dice", "cosine", "overlap", "binary")
+from _common import cpu_name, make_inputs
+from modan_ext.options import WEIGHTINGS
 
 
 def main(argv=None) -> int:
@@ -63,11 +61,11 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return float(loss.detach())
 
-    losses = {mode: step(mode) for mode in MODES}  # warm-up, and the values (sanity)
-    times = {mode: [] for mode in MODES}
+    losses = {mode: step(mode) for mode in WEIGHTINGS}  # warm-up, and the values (sanity)
+    times = {mode: [] for mode in WEIGHTINGS}
     for r in range(args.rounds):
-        for k in range(len(MODES)):
-            mode = MODES[(k + r) % len(MODES)]
+        for k in range(len(WEIGHTINGS)):
+            mode = WEIGHTINGS[(k + r) % len(WEIGHTINGS)]
             t = time.perf_counter()
             step(mode)
             times[mode].append(time.perf_counter() - t)
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
     print("| weighting | loss | median s | min s | median / jaccard | min / jaccard | "
           "within 5% |")
     print("|---|---:|---:|---:|---:|---:|:---:|")
-    for mode in MODES:
+    for mode in WEIGHTINGS:
         med, best = statistics.median(times[mode]), min(times[mode])
         ok = "yes" if med / base_med <= 1.05 else "no"
         print(f"| {mode} | {losses[mode]:.4f} | {med:.4f} | {best:.4f} | {med / base_med:.3f} | "

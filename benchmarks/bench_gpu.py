@@ -6,7 +6,7 @@ torch.compile(reference), and vs cuBLAS doing the same matrix work, at the same 
     python benchmarks/bench_gpu.py --quick         # smoke run (small sizes)
     python benchmarks/bench_gpu.py --json out.json --markdown out.md
 
-Problem (paper-like, as benchmarks/bench_loss.py): V = 2 views, B = M / 2 images, D = 128
+Problem (paper-like, _common.make_inputs): V = 2 views, B = M / 2 images, D = 128
 unit-norm features, L = 12 labels (1 of 3 modalities + 1 of 9 anatomies), threshold 0.3,
 T = T_base = 0.07, reduction "mean".
 
@@ -35,18 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the repository root: the in-place build
-sys.path.insert(0, HERE)
-from bench_loss import make_inputs  # noqa: E402  (same inputs as the CPU benchmark)
-
-MIB = 2 ** 20
+from _common import MIB, make_inputs
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 

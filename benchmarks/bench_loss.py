@@ -34,49 +34,17 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _common import MIB, available_bytes, cpu_name, make_inputs, reset_peak, status_bytes
+
 METHODS = ("fused", "eager", "compiled")
-MIB = 2 ** 20
 
 
 # ---- the worker: one (method, M) in this process ------------------------------------------------
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def make_inputs(rows: int, dim: int, views: int, seed: int, device, dtype=None):
-    """Unit-norm features [rows / views, views, dim] and paper-like labels (1 of 3 modalities +
-    1 of 9 anatomies)."""
-    import torch
-    images = rows // views
-    gen = torch.Generator().manual_seed(seed)
-    features = torch.randn(images, views, dim, generator=gen)
-    features = torch.nn.functional.normalize(features, dim=-1)
-    labels = torch.zeros(images, 12, dtype=torch.bool)
-    labels[torch.arange(images), torch.randint(3, (images,), generator=gen)] = True
-    labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=gen)] = True
-    return features.to(device=device, dtype=dtype), labels.to(device)
-
 
 def loss_function(method: str):
     import torch
@@ -118,7 +86,7 @@ def worker(cfg: dict) -> dict:
     step(f.requires_grad_(True), y)
     del f, y
     gc.collect()
-    rss0 = _status_kib("VmRSS") * 1024
+    rss0 = status_bytes("VmRSS")
 
     features, labels = make_inputs(cfg["rows"], cfg["dim"], cfg["views"], 0, device)
     features.requires_grad_(True)
@@ -133,7 +101,7 @@ def worker(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    reset = _reset_peak()
+    reset = reset_peak()
 
     times = []
     loss = None
@@ -141,7 +109,7 @@ def worker(cfg: dict) -> dict:
         t = time.perf_counter()
         loss = step(features, labels)
         times.append(time.perf_counter() - t)
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_bytes("VmHWM")
     out = dict(cfg, times=times, warmup_s=warmup_s, rss0=rss0, peak=peak,
                peak_growth=peak - rss0, inputs=inputs, peak_reset=reset,
                loss=float(loss.detach()))
@@ -169,21 +137,6 @@ def run_case(cfg: dict, timeout: float) -> dict:
     return dict(cfg, error=f"{why}: {' | '.join(tail)}")
 
 
-def available_bytes() -> int:
-    try:
-        return _status_meminfo("MemAvailable")
-    except (OSError, RuntimeError):
-        return 1 << 62
-
-
-def _status_meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def estimate_peak(method: str, rows: int, measured: dict) -> float:
     """Bytes a quadratic (reference) method will need at `rows`, from its largest measured M."""
     done = [(m, r["peak_growth"]) for (meth, m), r in measured.items()
@@ -196,17 +149,6 @@ def estimate_peak(method: str, rows: int, measured: dict) -> float:
 
 def fmt_mib(x: float) -> str:
     return f"{x / MIB:,.1f}"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ per rank, for 1, 2, ... ranks.
     python benchmarks/bench_scaling.py --quick          # smoke run: M = 512 per rank, 3 steps
     python benchmarks/bench_scaling.py --device cuda    # NCCL, 1 .. number of GPUs ranks
 
-Problem per rank: as bench_loss.py (V = 2, unit-norm float32 features, D = 128, L = 12 paper-like
+Problem per rank: _common.make_inputs (V = 2, unit-norm float32 features, D = 128, L = 12 paper-like
 labels), a different batch on every rank. A rank's work is (local M) x (global M) pairs, those
 among its own rows computed once (the kernel serves both ends of a pair from one tile), i.e.
 M_local^2 (ranks - 1/2) pairs: in weak scaling the ideal step time grows like 2 ranks - 1
@@ -25,17 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from datetime import timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import _reset_peak, _status_kib, cpu_name, make_inputs  # noqa: E402
-
-MIB = 2 ** 20
+from _common import MIB, cpu_name, free_port, make_inputs, reset_peak, status_bytes
 
 
 def rank_main(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
@@ -66,7 +62,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None
     f, y = make_inputs(256, cfg["dim"], cfg["views"], 1000 + rank, device)  # load code paths
     step(f.requires_grad_(True), y)
     del f, y
-    rss0 = _status_kib("VmRSS") * 1024
+    rss0 = status_bytes("VmRSS")
     features, labels = make_inputs(cfg["rows"], cfg["dim"], cfg["views"], rank, device)
     features.requires_grad_(True)
     for _ in range(cfg["warmup"]):
@@ -74,25 +70,19 @@ def rank_main(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    reset = _reset_peak()
+    reset = reset_peak()
     times, losses = [], []
     for _ in range(cfg["steps"]):
         t, loss = step(features, labels)
         times.append(t)
         losses.append(loss)
     out = dict(rank=rank, times=times, loss=losses[-1], peak_reset=reset,
-               peak_growth=_status_kib("VmHWM") * 1024 - rss0)
+               peak_growth=status_bytes("VmHWM") - rss0)
     if cuda:
         out["cuda_peak_extra"] = torch.cuda.max_memory_allocated() - base_cuda
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(out, fh)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(world: int, cfg: dict) -> list[dict]:
