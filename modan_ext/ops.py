@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from ._cuda_arch import unserved_reason
 from ._validation import label_kind
 from .options import LABEL_KIND_CODES, NORMALIZATION_CODES, WEIGHTING_CODES, LossOptions
 
@@ -41,17 +42,23 @@ KERNEL_DEVICE_TYPES = frozenset() if LOAD_ERROR is not None else frozenset(
 
 
 def kernel_available(device) -> bool:
-    """Whether a compiled kernel serves `device` ("cpu", "cuda", torch.device, ...)."""
-    return torch.device(device).type in KERNEL_DEVICE_TYPES
+    """Whether a compiled kernel serves `device` ("cpu", "cuda", torch.device, ...): for a GPU,
+    whether the CUDA library holds machine code or PTX that runs on its architecture."""
+    device = torch.device(device)
+    if device.type not in KERNEL_DEVICE_TYPES:
+        return False
+    return device.type != "cuda" or unserved_reason(device) is None
 
 
 def missing_kernel_reason(device) -> str:
-    device_type = torch.device(device).type
+    device = torch.device(device)
     if LOAD_ERROR is not None:
         return LOAD_ERROR
-    if device_type == "cuda" and CUDA_LOAD_ERROR is not None:
+    if device.type == "cuda" and CUDA_LOAD_ERROR is not None:
         return CUDA_LOAD_ERROR
-    return f"the extension has no {device_type} kernel"
+    if device.type == "cuda" and device.type in KERNEL_DEVICE_TYPES:
+        return unserved_reason(device) or "the CUDA kernel serves this GPU"
+    return f"the extension has no {device.type} kernel"
 
 
 def pack_labels(multi_hot: torch.Tensor) -> torch.Tensor:

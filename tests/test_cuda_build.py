@@ -4,8 +4,10 @@
 toolkit is found. These tests read that library with `cuobjdump` (from $CUDA_HOME, the PATH, or
 the copy Triton ships) and skip, saying why, when the build was CPU-only or no cuobjdump exists.
 
-* the library embeds machine code (an ELF cubin) for every architecture of
-  TORCH_CUDA_ARCH_LIST (default 9.0 -> sm_90), not only PTX;
+* the library embeds machine code (an ELF cubin) for exactly the architectures setup.py
+  recorded in modan_ext/_build_info.py (what it told nvcc; .ci/setup: 9.0+PTX -> sm_90), and
+  PTX for the recorded PTX targets, with the fused kernels in it: the PTX is what lets the
+  driver run the library on a later GPU (modan_ext/_cuda_arch.py);
 * the fused kernels are in it and use tensor-core instructions (HMMA), float32 path included;
 * importing it registers the CUDA kernels of both ops (this works without a GPU too).
 """
@@ -52,18 +54,20 @@ def cuobjdump() -> str:
     pytest.skip("no cuobjdump found (CUDA_HOME/bin, PATH, triton): cannot read the library")
 
 
+def built_targets() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(machine code, PTX) that setup.py recorded for this build, e.g. (("sm_90",),
+    ("compute_90",))."""
+    try:
+        from modan_ext import _build_info
+    except ImportError:
+        pytest.fail("modan_ext/_cuda*.so exists but setup.py left no modan_ext/_build_info.py: "
+                    "rebuild the extension")
+    return _build_info.CUDA_SASS, _build_info.CUDA_PTX
+
+
 def expected_archs() -> list[str]:
-    """sm_XY for each entry of TORCH_CUDA_ARCH_LIST ("9.0", "8.0;9.0", "9.0+PTX"); sm_90 when
-    unset (the project's target, H100/H200)."""
-    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if not spec:
-        return ["sm_90"]
-    archs = []
-    for entry in re.split(r"[;\s,]+", spec):
-        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
-        if m:
-            archs.append(f"sm_{m.group(1)}{m.group(2)}{m.group(3)}")
-    return archs or ["sm_90"]
+    """The recorded machine-code targets, as cuobjdump names them (sm_90, sm_90a, ...)."""
+    return list(built_targets()[0])
 
 
 def run(tool: str, *args: str) -> str:
@@ -77,32 +81,52 @@ def test_cuda_library_contains_target_machine_code():
     listing = run(cuobjdump(), "--list-elf", lib)
     elf_archs = set(re.findall(r"\.(sm_\d+[a-z]?)\.cubin", listing))
     assert elf_archs, f"{os.path.basename(lib)} holds no cubin:\n{listing}"
-    for arch in expected_archs():
-        assert arch in elf_archs, (f"{os.path.basename(lib)} has machine code for "
-                                   f"{sorted(elf_archs)}, not {arch} (TORCH_CUDA_ARCH_LIST="
-                                   f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')})")
+    assert elf_archs == set(expected_archs()), (
+        f"{os.path.basename(lib)} has machine code for {sorted(elf_archs)}; the build record "
+        f"(modan_ext/_build_info.py) says {expected_archs()}")
 
 
-def test_fused_kernels_use_tensor_cores():
+def test_cuda_library_ships_ptx_of_the_kernels():
     lib = cuda_library()
     tool = cuobjdump()
-    arch = expected_archs()[-1]
-    sass = run(tool, "-sass", "-arch", arch, lib)
-    functions = re.split(r"\n\s*Function : ", sass)
+    ptx = built_targets()[1]
+    assert ptx, ("the CUDA library was built without PTX (no +PTX in TORCH_CUDA_ARCH_LIST): a GPU "
+                 "of a later architecture cannot run it (README, \"Building\")")
+    listing = run(tool, "--list-ptx", lib)
+    # cuobjdump names the PTX of compute_XY "<file>.sm_XY.ptx".
+    ptx_archs = set(re.findall(r"\.sm_(\d+[a-z]?)\.ptx", listing))
+    assert ptx_archs == {target.removeprefix("compute_") for target in ptx}, (
+        f"{os.path.basename(lib)} holds PTX {sorted(ptx_archs)}; the build record says {ptx}")
+    entries = set(re.findall(r"\.entry\s+(\w+)", run(tool, "-ptx", lib)))
+    for kernel in ("supcon_fwd_kernel", "supcon_bwd_kernel"):
+        assert any(kernel in entry for entry in entries), f"no {kernel} in the PTX"
+
+
+def fused_kernels(sass: str) -> dict[str, str]:
+    """{name: machine code} of the supcon_fwd/bwd kernel instances in a `cuobjdump -sass` text."""
     kernels = {}
-    for body in functions[1:]:
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
         name = body.split("\n", 1)[0].strip()
         if "supcon_fwd_kernel" in name or "supcon_bwd_kernel" in name:
             kernels[name] = body
-    assert kernels, "no supcon_fwd_kernel / supcon_bwd_kernel in the library"
-    # Template instance <MODE, LABELS>: MODE 0 TF32, 1 3xTF32 (float32), 2 float16, 3 bfloat16.
-    modes = {int(m.group(1)) for name in kernels
-             for m in [re.search(r"kernelILi(\d)ELi\d", name)] if m}
-    assert modes == {0, 1, 2, 3}, f"kernel instances for modes {sorted(modes)} only"
-    without = [name for name, body in kernels.items() if "HMMA" not in body]
-    assert not without, f"kernels without tensor-core (HMMA) instructions: {without}"
-    for name, body in kernels.items():
-        assert not re.search(r"\b(STL|LDL)\b", body), f"{name} uses local memory (spills)"
+    return kernels
+
+
+def test_fused_kernels_use_tensor_cores():
+    """On every architecture of the build record."""
+    lib = cuda_library()
+    tool = cuobjdump()
+    for arch in expected_archs():
+        kernels = fused_kernels(run(tool, "-sass", "-arch", arch, lib))
+        assert kernels, f"no supcon_fwd_kernel / supcon_bwd_kernel in the {arch} code"
+        # Template instance <MODE, LABELS>: MODE 0 TF32, 1 3xTF32 (float32), 2 float16, 3 bf16.
+        modes = {int(m.group(1)) for name in kernels
+                 for m in [re.search(r"kernelILi(\d)ELi\d", name)] if m}
+        assert modes == {0, 1, 2, 3}, f"{arch}: kernel instances for modes {sorted(modes)} only"
+        without = [name for name, body in kernels.items() if "HMMA" not in body]
+        assert not without, f"{arch}: kernels without tensor-core (HMMA) instructions: {without}"
+        for name, body in kernels.items():
+            assert not re.search(r"\b(STL|LDL)\b", body), f"{arch}: {name} spills (local memory)"
 
 
 def test_importing_the_library_registers_cuda_kernels():
