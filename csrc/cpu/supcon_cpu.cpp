@@ -22,6 +22,7 @@
 #include "cpu/label_weights.h"
 #include "cpu/simd.h"
 #include "supcon_pair.h"
+#include "supcon_problem.h"
 
 // The hot per-tile loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
 // time: one portable build runs vectorised on any x86-64.
@@ -41,60 +42,25 @@ using simd::vec_t;
 constexpr int64_t kTile = 256;  // rows per block: a 256 x 256 fp32 tile is 256 KiB (fits L2)
 constexpr double kMinusInf = -std::numeric_limits<double>::infinity();
 
-// ---- problem description -------------------------------------------------------------------
+// ---- problem: the CPU's own checks and tiling --------------------------------------------------
 
-struct Problem {
-  int64_t rows, dim, images, views, words;
-  int64_t label_kind, anchor_begin, anchor_end;
-  bool first_view_only;
-  double temperature, base_temperature, threshold;
-  int64_t weighting, normalization;
-
-  int64_t anchors() const { return anchor_end - anchor_begin; }
-  bool is_anchor(int64_t r) const {
-    return r >= anchor_begin && r < anchor_end && (!first_view_only || r % views == 0);
-  }
-  int64_t blocks() const { return (rows + kTile - 1) / kTile; }
-  int64_t block_rows(int64_t b) const { return std::min(kTile, rows - b * kTile); }
-  bool block_has_anchor(int64_t b) const {
-    return b * kTile < anchor_end && (b + 1) * kTile > anchor_begin;
-  }
-  WeightProblem weights() const {
-    return {images, views, words, label_kind, weighting, threshold};
-  }
-};
-
-Problem check_problem(const Tensor& features, const Tensor& labels, int64_t label_kind,
-                      int64_t views, int64_t anchor_begin, int64_t anchor_end,
-                      bool first_view_only, double temperature, double base_temperature,
-                      double threshold, int64_t weighting, int64_t normalization) {
+// Devices and dtypes; everything else is checked once for both backends (supcon_problem.h).
+void check_cpu_tensors(const Tensor& features, const Tensor& labels) {
   STD_TORCH_CHECK(features.device().type() == torch::headeronly::DeviceType::CPU &&
                       labels.device().type() == torch::headeronly::DeviceType::CPU,
                   "modan_ext: the CPU kernel got a tensor on another device");
   STD_TORCH_CHECK(features.scalar_type() == ScalarType::Float ||
                       features.scalar_type() == ScalarType::Double,
                   "modan_ext: the CPU kernel takes float32 or float64 features");
-  STD_TORCH_CHECK(features.dim() == 2 && features.is_contiguous(),
-                  "modan_ext: features must be a contiguous [M, D] tensor");
-  STD_TORCH_CHECK(labels.scalar_type() == ScalarType::Long && labels.dim() == 2 &&
-                      labels.is_contiguous(),
-                  "modan_ext: labels must be a contiguous int64 [B, W] tensor");
-  STD_TORCH_CHECK(label_kind == kMultiHot || (label_kind == kClassIds && labels.size(1) == 1),
-                  "modan_ext: label_kind must be 0 (multi-hot) or 1 (class ids, shape [B, 1])");
-  STD_TORCH_CHECK(views >= 1 && labels.size(0) * views == features.size(0),
-                  "modan_ext: labels.size(0) * views must equal features.size(0)");
-  STD_TORCH_CHECK(0 <= anchor_begin && anchor_begin <= anchor_end &&
-                      anchor_end <= features.size(0),
-                  "modan_ext: the anchor range must lie within [0, M]");
-  STD_TORCH_CHECK(temperature > 0 && base_temperature > 0,
-                  "modan_ext: temperatures must be > 0");
-  STD_TORCH_CHECK(weighting >= kJaccard && weighting <= kBinary,
-                  "modan_ext: weighting must be in 0..4");
-  STD_TORCH_CHECK(normalization == kByCount || normalization == kByWeight,
-                  "modan_ext: normalization must be 0 (count) or 1 (weight)");
-  return Problem{features.size(0), features.size(1), labels.size(0), views, labels.size(1),
-                 label_kind, anchor_begin, anchor_end, first_view_only, temperature,
-                 base_temperature, threshold, weighting, normalization};
+}
+
+int64_t blocks(const Problem& p) { return (p.rows + kTile - 1) / kTile; }
+int64_t block_rows(const Problem& p, int64_t b) { return std::min(kTile, p.rows - b * kTile); }
+bool block_has_anchor(const Problem& p, int64_t b) {
+  return b * kTile < p.anchor_end && (b + 1) * kTile > p.anchor_begin;
+}
+WeightProblem weight_problem(const Problem& p) {
+  return {p.images, p.views, p.words, p.label_kind, p.weighting, p.threshold};
 }
 
 // ---- matrix products through ATen (MKL / OpenBLAS) -------------------------------------------
@@ -153,10 +119,10 @@ struct TilePair {
 
 std::vector<TilePair> tile_pairs(const Problem& p) {
   std::vector<TilePair> pairs;
-  for (int64_t i = 0; i < p.blocks(); ++i) {
-    if (!p.block_has_anchor(i)) continue;
-    for (int64_t j = 0; j < p.blocks(); ++j)
-      if (!(p.block_has_anchor(j) && j < i)) pairs.push_back({i, j});
+  for (int64_t i = 0; i < blocks(p); ++i) {
+    if (!block_has_anchor(p, i)) continue;
+    for (int64_t j = 0; j < blocks(p); ++j)
+      if (!(block_has_anchor(p, j) && j < i)) pairs.push_back({i, j});
   }
   return pairs;
 }
@@ -192,7 +158,12 @@ struct RowStats {
   explicit RowStats(int64_t n)
       : max(n, kMinusInf), sum(n, 0), count(n, 0), omega(n, 0), weighted_logit(n, 0) {}
 
-  void add(int64_t a, double tile_max, double tile_sum, double c, double o, double wl) {
+  // Out of line on purpose: compiled once, for the baseline ISA, the merge rounds the same way
+  // whichever clone of forward_tile calls it (inlined into the x86-64-v3/v4 clones, GCC would
+  // contract `sum * exp(...) + tile_sum` into an FMA there, and the float64 results would
+  // depend on the inliner's choices).
+  __attribute__((noinline)) void add(int64_t a, double tile_max, double tile_sum, double c,
+                                     double o, double wl) {
     count[a] += c;
     omega[a] += o;
     weighted_logit[a] += wl;
@@ -287,16 +258,16 @@ void forward(const Problem& p, const T* z, const int64_t* labels, T* loss, T* st
   const int64_t anchors = p.anchors();
   const auto pairs = tile_pairs(p);
   const int64_t slots = thread_slots(pairs.size());
-  const LabelWeights<T> weights(p.weights(), labels);
+  const LabelWeights<T> weights(weight_problem(p), labels);
   std::vector<RowStats> slot_stats(slots, RowStats(anchors));
 
   for_each_pair(pairs, slots, [&](int64_t slot, const TilePair& tp) {
     thread_local TileScratch<T> t;
-    const int64_t r0 = tp.row_block * kTile, nr = p.block_rows(tp.row_block);
-    const int64_t c0 = tp.col_block * kTile, nc = p.block_rows(tp.col_block);
+    const int64_t r0 = tp.row_block * kTile, nr = block_rows(p, tp.row_block);
+    const int64_t c0 = tp.col_block * kTile, nc = block_rows(p, tp.col_block);
     load_tile(p, weights, z, r0, nr, c0, nc, t);
     forward_tile(p, r0, nr, c0, nc,
-                 tp.col_block != tp.row_block && p.block_has_anchor(tp.col_block), t.s.data(),
+                 tp.col_block != tp.row_block && block_has_anchor(p, tp.col_block), t.s.data(),
                  t.w.data(), t.column.data(), slot_stats[slot]);
   });
 
@@ -419,7 +390,7 @@ void backward(const Problem& p, const T* grad_loss, const T* z, const int64_t* l
               const T* stats, T* grad) {
   const auto pairs = tile_pairs(p);
   const int64_t slots = thread_slots(pairs.size());
-  const LabelWeights<T> weights(p.weights(), labels);
+  const LabelWeights<T> weights(weight_problem(p), labels);
   const AnchorCoefficients<T> coef(p, grad_loss, stats);
   const int64_t D = p.dim;
   std::fill(grad, grad + p.rows * D, T(0));
@@ -429,11 +400,11 @@ void backward(const Problem& p, const T* grad_loss, const T* z, const int64_t* l
   for_each_pair(pairs, slots, [&](int64_t slot, const TilePair& tp) {
     thread_local TileScratch<T> t;
     T* g = slot == 0 ? grad : slot_grad[slot - 1].data();
-    const int64_t r0 = tp.row_block * kTile, nr = p.block_rows(tp.row_block);
-    const int64_t c0 = tp.col_block * kTile, nc = p.block_rows(tp.col_block);
+    const int64_t r0 = tp.row_block * kTile, nr = block_rows(p, tp.row_block);
+    const int64_t c0 = tp.col_block * kTile, nc = block_rows(p, tp.col_block);
     load_tile(p, weights, z, r0, nr, c0, nc, t);
     backward_tile(p, coef, r0, nr, c0, nc,
-                  tp.col_block != tp.row_block && p.block_has_anchor(tp.col_block), t.s.data(),
+                  tp.col_block != tp.row_block && block_has_anchor(p, tp.col_block), t.s.data(),
                   t.w.data());
     // grad_I += H Z_J and grad_J += Hᵀ Z_I (on a diagonal block both land in grad_I).
     t.product.resize(kTile * D);
@@ -492,14 +463,14 @@ std::tuple<Tensor, Tensor> supcon_fwd_cpu(Tensor features, Tensor labels, int64_
                                           double base_temperature, double threshold,
                                           int64_t weighting, int64_t normalization,
                                           bool /*allow_tf32: CUDA only*/) {
+  check_cpu_tensors(features, labels);
   const Problem p = check_problem(features, labels, label_kind, views, anchor_begin, anchor_end,
                                   first_view_only, temperature, base_temperature, threshold,
                                   weighting, normalization);
-  const auto dtype = features.scalar_type();
-  Tensor loss = torch::stable::new_empty(features, {p.anchors()}, dtype);
-  Tensor stats = torch::stable::new_empty(features, {p.anchors(), 4}, dtype);
+  Tensor loss = torch::stable::new_empty(features, {p.anchors()}, loss_dtype(p.dtype));
+  Tensor stats = torch::stable::new_empty(features, {p.anchors(), 4}, loss_dtype(p.dtype));
   if (p.anchors() == 0) return {loss, stats};
-  if (dtype == ScalarType::Float)
+  if (p.dtype == ScalarType::Float)
     forward_or_nan<float>(p, features, labels, loss, stats);
   else
     forward_or_nan<double>(p, features, labels, loss, stats);
@@ -511,19 +482,13 @@ Tensor supcon_bwd_cpu(Tensor grad_loss, Tensor features, Tensor labels, Tensor s
                       int64_t anchor_end, bool first_view_only, double temperature,
                       double base_temperature, double threshold, int64_t weighting,
                       int64_t normalization, bool /*allow_tf32*/) {
+  check_cpu_tensors(features, labels);
   const Problem p = check_problem(features, labels, label_kind, views, anchor_begin, anchor_end,
                                   first_view_only, temperature, base_temperature, threshold,
                                   weighting, normalization);
-  const auto dtype = features.scalar_type();
-  STD_TORCH_CHECK(grad_loss.scalar_type() == dtype && grad_loss.dim() == 1 &&
-                      grad_loss.size(0) == p.anchors() && grad_loss.is_contiguous(),
-                  "modan_ext: grad_loss must be a contiguous [Ma] tensor of the features' dtype");
-  STD_TORCH_CHECK(stats.scalar_type() == dtype && stats.dim() == 2 &&
-                      stats.size(0) == p.anchors() && stats.size(1) == 4 &&
-                      stats.is_contiguous(),
-                  "modan_ext: stats must be the [Ma, 4] statistics from supcon_fwd");
-  Tensor grad = torch::stable::new_empty(features, {p.rows, p.dim}, dtype);
-  if (dtype == ScalarType::Float)
+  check_backward(p, features, grad_loss, stats);
+  Tensor grad = torch::stable::new_empty(features, {p.rows, p.dim}, p.dtype);
+  if (p.dtype == ScalarType::Float)
     backward_or_nan<float>(p, grad_loss, features, labels, stats, grad);
   else
     backward_or_nan<double>(p, grad_loss, features, labels, stats, grad);

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "supcon_pair.h"
+#include "supcon_problem.h"
 
 namespace modan_ext {
 namespace cuda_impl {
@@ -95,7 +96,7 @@ __global__ void coef64_kernel(const double* stats, const double* grad_loss, int6
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= M) return;
   double lse = INFINITY, ca = 0.0, cb = 0.0;
-  if (r >= abeg && r < aend && (!fvo || r % views == 0)) {
+  if (is_anchor(r, abeg, aend, fvo, views)) {
     const double* st = stats + 4 * (r - abeg);
     if (st[1] > 0.0) {
       cb = grad_loss[r - abeg] / (base_temperature * st[3]);

@@ -173,29 +173,29 @@ void prep_rows(const Problem& p, const Tensor& labels, RowInfo* info, const floa
                const float* grad_loss, unsigned* cmax, cudaStream_t stream) {
   PrepParams q{};
   q.labels = static_cast<const int64_t*>(labels.const_data_ptr());
-  q.M = p.M, q.W = p.W, q.views = p.views, q.label_kind = p.label_kind;
-  q.abeg = p.abeg, q.aend = p.aend, q.fvo = p.fvo ? 1 : 0;
+  q.M = p.rows, q.W = p.words, q.views = p.views, q.label_kind = p.label_kind;
+  q.abeg = p.anchor_begin, q.aend = p.anchor_end, q.fvo = p.first_view_only ? 1 : 0;
   q.info = info;
   q.stats = stats, q.grad_loss = grad_loss;
   q.base_temperature = p.base_temperature;
   q.cmax = cmax;
   const int threads = 256;
-  prep_rows_kernel<<<static_cast<unsigned>((p.M + threads - 1) / threads), threads, 0, stream>>>(q);
+  prep_rows_kernel<<<static_cast<unsigned>((p.rows + threads - 1) / threads), threads, 0, stream>>>(q);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_counts64(const Problem& p, const Tensor& labels, int32_t* counts,
                      cudaStream_t stream) {
-  if (p.B == 0) return;
-  counts64_kernel<<<static_cast<unsigned>((p.B + 255) / 256), 256, 0, stream>>>(
-      static_cast<const int64_t*>(labels.const_data_ptr()), p.B, p.W, counts);
+  if (p.images == 0) return;
+  counts64_kernel<<<static_cast<unsigned>((p.images + 255) / 256), 256, 0, stream>>>(
+      static_cast<const int64_t*>(labels.const_data_ptr()), p.images, p.words, counts);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 const uint32_t* tie_table(const Problem& p, const Workspace& ws, cudaStream_t stream) {
   if (!uses_ties(p)) return nullptr;
   uint32_t* bits = reinterpret_cast<uint32_t*>(static_cast<unsigned char*>(ws.body()) +
-                                               p.M * int64_t(sizeof(RowInfo)));
+                                               p.rows * int64_t(sizeof(RowInfo)));
   tie_table_kernel<<<(kTieWords + 255) / 256, 256, 0, stream>>>(bits, p.threshold,
                                                                 static_cast<int>(p.weighting));
   STD_CUDA_KERNEL_LAUNCH_CHECK();

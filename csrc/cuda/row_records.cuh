@@ -82,6 +82,8 @@ __global__ void prep_rows_kernel(const PrepParams q) {
     ri.sq = __fsqrt_rn(ri.n);
     ri.lse = __int_as_float(0x7f800000);
     ri.ca = ri.cb = 0.f;
+    // is_anchor (supcon_problem.h) written out: the call compiles to other, equivalent machine
+    // code here, which would need a GPU run to re-validate (csrc/cuda/sass_fingerprint.txt).
     if (q.stats != nullptr && r >= q.abeg && r < q.aend && (!q.fvo || r % q.views == 0)) {
       const int64_t a = r - q.abeg;
       const float cnt = q.stats[4 * a + 1];

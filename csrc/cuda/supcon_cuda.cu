@@ -64,6 +64,7 @@
 #include "cuda/kernel_args.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/workspace.cuh"
+#include "supcon_problem.h"
 
 namespace modan_ext {
 namespace cuda_impl {
@@ -71,22 +72,43 @@ namespace cuda_impl {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
+// The CUDA kernel's own checks (devices, dtypes, sizes); the op contract's are in
+// supcon_problem.h.
+void check_cuda_tensors(const Tensor& features, const Tensor& labels) {
+  STD_TORCH_CHECK(features.is_cuda(), "modan_ext: the CUDA kernel got features on another device");
+  STD_TORCH_CHECK(labels.is_cuda(), "modan_ext: the CUDA kernel got labels on another device");
+  STD_TORCH_CHECK(labels.get_device_index() == features.get_device_index(),
+                  "modan_ext: features and labels must be on the same CUDA device");
+  const ScalarType dt = features.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Double || dt == ScalarType::Half ||
+                      dt == ScalarType::BFloat16,
+                  "modan_ext: the CUDA kernel takes float32, float64, float16 or bfloat16 "
+                  "features");
+}
+
+void check_cuda_size(const Problem& p) {
+  STD_TORCH_CHECK(p.rows < (int64_t(1) << 31) - BN,
+                  "modan_ext: the CUDA kernel takes fewer than 2^31 rows");
+}
+
 std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64_t label_kind,
                                            int64_t views, int64_t anchor_begin,
                                            int64_t anchor_end, bool first_view_only,
                                            double temperature, double base_temperature,
                                            double threshold, int64_t weighting,
                                            int64_t normalization, bool allow_tf32) {
+  check_cuda_tensors(features, labels);
   const Problem p = check_problem(features, labels, label_kind, views, anchor_begin, anchor_end,
                                   first_view_only, temperature, base_temperature, threshold,
                                   weighting, normalization);
-  torch::stable::accelerator::DeviceGuard guard(p.device);
-  const ScalarType out_dt = p.dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  check_cuda_size(p);
+  const int32_t device = features.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
   const int64_t Ma = p.anchors();
-  Tensor loss = torch::stable::new_empty(features, {Ma}, out_dt);
-  Tensor stats = torch::stable::new_empty(features, {Ma, 4}, out_dt);
+  Tensor loss = torch::stable::new_empty(features, {Ma}, loss_dtype(p.dtype));
+  Tensor stats = torch::stable::new_empty(features, {Ma, 4}, loss_dtype(p.dtype));
   if (Ma == 0) return {loss, stats};
-  const cudaStream_t stream = current_stream(p.device);
+  const cudaStream_t stream = current_stream(device);
   const size_t os = p.dtype == ScalarType::Double ? 8 : 4;
   STD_CUDA_CHECK(cudaMemsetAsync(loss.mutable_data_ptr(), 0, Ma * os, stream));
   STD_CUDA_CHECK(cudaMemsetAsync(stats.mutable_data_ptr(), 0, Ma * 4 * os, stream));
@@ -94,7 +116,7 @@ std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64
   anchor_list(p, a_first, a_step, na);
 
   if (p.dtype == ScalarType::Double) {
-    Workspace ws = make_workspace(features, round_up(p.B * 4, 16), stream);
+    Workspace ws = make_workspace(features, round_up(p.images * 4, 16), stream);
     scan_finite(features, ws.flag(), stream);
     int32_t* counts = static_cast<int32_t*>(ws.body());
     launch_counts64(p, labels, counts, stream);
@@ -122,7 +144,7 @@ std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64
   k.a_first = a_first, k.a_step = a_step, k.na = na;
   k.loss = static_cast<float*>(loss.mutable_data_ptr());
   k.stats = static_cast<float*>(stats.mutable_data_ptr());
-  if (na > 0) dispatch<true>(mode_of(p.dtype, allow_tf32), label_mode_of(p), k, p.device, stream);
+  if (na > 0) dispatch<true>(mode_of(p.dtype, allow_tf32), label_mode_of(p), k, device, stream);
   nan_fill(loss, ws.flag(), stream);
   nan_fill(stats, ws.flag(), stream);
   return {loss, stats};
@@ -133,48 +155,41 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
                        int64_t anchor_end, bool first_view_only, double temperature,
                        double base_temperature, double threshold, int64_t weighting,
                        int64_t normalization, bool allow_tf32) {
+  check_cuda_tensors(features, labels);
   const Problem p = check_problem(features, labels, label_kind, views, anchor_begin, anchor_end,
                                   first_view_only, temperature, base_temperature, threshold,
                                   weighting, normalization);
-  const ScalarType st_dt = p.dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  check_cuda_size(p);
+  check_backward(p, features, grad_loss, stats);
   const int64_t Ma = p.anchors();
-  STD_TORCH_CHECK(grad_loss.is_cuda() && grad_loss.get_device_index() == p.device &&
-                      stats.is_cuda() && stats.get_device_index() == p.device,
-                  "modan_ext: grad_loss and stats must be on the features' CUDA device");
-  STD_TORCH_CHECK(grad_loss.scalar_type() == st_dt && grad_loss.dim() == 1 &&
-                      grad_loss.size(0) == Ma && grad_loss.is_contiguous(),
-                  "modan_ext: grad_loss must be a contiguous [Ma] tensor of the loss dtype "
-                  "(float64 for float64 features, float32 otherwise)");
-  STD_TORCH_CHECK(stats.scalar_type() == st_dt && stats.dim() == 2 && stats.size(0) == Ma &&
-                      stats.size(1) == 4 && stats.is_contiguous(),
-                  "modan_ext: stats must be the [Ma, 4] statistics from supcon_fwd");
-  torch::stable::accelerator::DeviceGuard guard(p.device);
-  Tensor grad = torch::stable::new_empty(features, {p.M, p.D}, p.dtype);
-  if (p.M == 0 || p.D == 0) return grad;
-  const cudaStream_t stream = current_stream(p.device);
+  const int32_t device = features.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor grad = torch::stable::new_empty(features, {p.rows, p.dim}, p.dtype);
+  if (p.rows == 0 || p.dim == 0) return grad;
+  const cudaStream_t stream = current_stream(device);
 
   if (p.dtype == ScalarType::Double) {
-    const int64_t counts_bytes = round_up(p.B * 4, 16);
-    Workspace ws = make_workspace(features, counts_bytes + p.M * 3 * 8, stream);
+    const int64_t counts_bytes = round_up(p.images * 4, 16);
+    Workspace ws = make_workspace(features, counts_bytes + p.rows * 3 * 8, stream);
     scan_finite(features, ws.flag(), stream);
     scan_finite(stats, ws.flag(), stream);
     double* grad_ptr = static_cast<double*>(grad.mutable_data_ptr());
     if (Ma == 0) {
-      STD_CUDA_CHECK(cudaMemsetAsync(grad_ptr, 0, p.M * p.D * 8, stream));
+      STD_CUDA_CHECK(cudaMemsetAsync(grad_ptr, 0, p.rows * p.dim * 8, stream));
     } else {
       int32_t* counts = static_cast<int32_t*>(ws.body());
       double* coef =
           reinterpret_cast<double*>(static_cast<unsigned char*>(ws.body()) + counts_bytes);
       launch_counts64(p, labels, counts, stream);
-      coef64_kernel<<<static_cast<unsigned>((p.M + 255) / 256), 256, 0, stream>>>(
+      coef64_kernel<<<static_cast<unsigned>((p.rows + 255) / 256), 256, 0, stream>>>(
           static_cast<const double*>(stats.const_data_ptr()),
-          static_cast<const double*>(grad_loss.const_data_ptr()), p.M, p.abeg, p.aend, p.views,
-          p.fvo ? 1 : 0, p.base_temperature, coef);
+          static_cast<const double*>(grad_loss.const_data_ptr()), p.rows, p.anchor_begin, p.anchor_end, p.views,
+          p.first_view_only ? 1 : 0, p.base_temperature, coef);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
       Params64 k = params64(p, features, labels, counts, ws);
       k.coef = coef;
       k.grad = grad_ptr;
-      supcon_bwd64_kernel<<<static_cast<unsigned>((p.M + kWarps64 - 1) / kWarps64),
+      supcon_bwd64_kernel<<<static_cast<unsigned>((p.rows + kWarps64 - 1) / kWarps64),
                             32 * kWarps64, 0, stream>>>(k);
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -187,7 +202,7 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
   scan_finite(stats, ws.flag(), stream);
   if (Ma == 0) {
     STD_CUDA_CHECK(cudaMemsetAsync(grad.mutable_data_ptr(), 0,
-                                     p.M * p.D * features.element_size(), stream));
+                                     p.rows * p.dim * features.element_size(), stream));
   } else {
     RowInfo* info = static_cast<RowInfo*>(ws.body());
     prep_rows(p, labels, info, static_cast<const float*>(stats.const_data_ptr()),
@@ -195,7 +210,7 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
     Params k = base_params(p, features, labels, info, ws);
     k.ties = tie_table(p, ws, stream);
     k.grad = grad.mutable_data_ptr();
-    dispatch<false>(mode_of(p.dtype, allow_tf32), label_mode_of(p), k, p.device, stream);
+    dispatch<false>(mode_of(p.dtype, allow_tf32), label_mode_of(p), k, device, stream);
   }
   nan_fill(grad, ws.flag(), stream);
   return grad;
