@@ -241,12 +241,9 @@ __global__ void __launch_bounds__(NT, 2) supcon_bwd_kernel(const Params p) {
     const int64_t c0 = int64_t(c) * BN;
     const int cvalid = static_cast<int>(p.M - c0 < BN ? p.M - c0 : BN);
     if (p.nk == 1) {
-      if (c + 1 < clast) {
-        const int64_t c1 = c0 + BN;
-        const int nv = static_cast<int>(p.M - c1 < BN ? p.M - c1 : BN);
-        load_rows<S>(Bs0 + (buf ^ 1) * BM * L::STR, z, p.D, c1, 1, nv, 0, vec);
-        load_info(Ci0 + (buf ^ 1) * BN, p.info, c1, nv);
-      }
+      if (c + 1 < clast)
+        load_column_tile<S>(Bs0 + (buf ^ 1) * BM * L::STR, Ci0 + (buf ^ 1) * BN, z, p, c0 + BN,
+                            vec);
       cp_async_commit();
       cp_async_wait<1>();
       __syncthreads();

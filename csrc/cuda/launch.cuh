@@ -42,71 +42,62 @@ inline int blocks_for(int64_t n, int threads, int64_t cap = 4096) {
   return static_cast<int>(b < cap ? b : cap);
 }
 
+// flag |= non-finite(x) for n contiguous elements of type U (exponent mask kExp); by 16-byte
+// vectors when the memory allows.
+template <typename U, U kExp>
+void scan_finite_as(const void* x, int64_t n, int* flag, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t bytes = n * int64_t(sizeof(U));
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && bytes % 16 == 0) {
+    finite_scan_vec_kernel<U, kExp><<<blocks_for(bytes / 16, threads, 2048), threads, 0, stream>>>(
+        static_cast<const uint4*>(x), bytes / 16, flag);
+  } else {
+    finite_scan_kernel<U, kExp><<<blocks_for(n, threads, 2048), threads, 0, stream>>>(
+        static_cast<const U*>(x), n, flag);
+  }
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // flag |= non-finite(tensor); the tensor is contiguous.
 void scan_finite(const Tensor& x, int* flag, cudaStream_t stream) {
   const int64_t n = x.numel();
   if (n == 0) return;
   const void* ptr = x.const_data_ptr();
-  const size_t es = x.element_size();
-  const bool aligned = (reinterpret_cast<uintptr_t>(ptr) % 16) == 0 && (n * es) % 16 == 0;
-  const int threads = 256;
-  if (aligned) {
-    const int64_t n16 = n * es / 16;
-    const int blocks = blocks_for(n16, threads, 2048);
-    const uint4* v = static_cast<const uint4*>(ptr);
-    if (es == 8)
-      finite_scan_vec_kernel<uint64_t, 0x7ff0000000000000ull>
-          <<<blocks, threads, 0, stream>>>(v, n16, flag);
-    else if (es == 4)
-      finite_scan_vec_kernel<uint32_t, 0x7f800000u><<<blocks, threads, 0, stream>>>(v, n16, flag);
-    else if (x.scalar_type() == ScalarType::Half)
-      finite_scan_vec_kernel<uint16_t, uint16_t(0x7c00)>
-          <<<blocks, threads, 0, stream>>>(v, n16, flag);
-    else
-      finite_scan_vec_kernel<uint16_t, uint16_t(0x7f80)>
-          <<<blocks, threads, 0, stream>>>(v, n16, flag);
-  } else {
-    const int blocks = blocks_for(n, threads, 2048);
-    if (es == 8)
-      finite_scan_kernel<uint64_t, 0x7ff0000000000000ull><<<blocks, threads, 0, stream>>>(
-          static_cast<const uint64_t*>(ptr), n, flag);
-    else if (es == 4)
-      finite_scan_kernel<uint32_t, 0x7f800000u><<<blocks, threads, 0, stream>>>(
-          static_cast<const uint32_t*>(ptr), n, flag);
-    else if (x.scalar_type() == ScalarType::Half)
-      finite_scan_kernel<uint16_t, uint16_t(0x7c00)><<<blocks, threads, 0, stream>>>(
-          static_cast<const uint16_t*>(ptr), n, flag);
-    else
-      finite_scan_kernel<uint16_t, uint16_t(0x7f80)><<<blocks, threads, 0, stream>>>(
-          static_cast<const uint16_t*>(ptr), n, flag);
+  switch (x.scalar_type()) {
+    case ScalarType::Double:
+      return scan_finite_as<uint64_t, 0x7ff0000000000000ull>(ptr, n, flag, stream);
+    case ScalarType::Float:
+      return scan_finite_as<uint32_t, 0x7f800000u>(ptr, n, flag, stream);
+    case ScalarType::Half:
+      return scan_finite_as<uint16_t, uint16_t(0x7c00)>(ptr, n, flag, stream);
+    default:  // BFloat16
+      return scan_finite_as<uint16_t, uint16_t(0x7f80)>(ptr, n, flag, stream);
   }
+}
+
+template <typename U>
+void nan_fill_as(void* x, int64_t n, U nan_bits, const int* flag, cudaStream_t stream) {
+  const int threads = 256;
+  nan_fill_kernel<U><<<blocks_for(n, threads, 1024), threads, 0, stream>>>(static_cast<U*>(x), n,
+                                                                           nan_bits, flag);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Every entry of the (contiguous) tensor := NaN when *flag is set (read on the device).
 void nan_fill(const Tensor& x, const int* flag, cudaStream_t stream) {
   const int64_t n = x.numel();
   if (n == 0) return;
-  const int threads = 256, blocks = blocks_for(n, threads, 1024);
   void* ptr = x.mutable_data_ptr();
   switch (x.scalar_type()) {
     case ScalarType::Double:
-      nan_fill_kernel<uint64_t><<<blocks, threads, 0, stream>>>(
-          static_cast<uint64_t*>(ptr), n, 0x7ff8000000000000ull, flag);
-      break;
+      return nan_fill_as<uint64_t>(ptr, n, 0x7ff8000000000000ull, flag, stream);
     case ScalarType::Float:
-      nan_fill_kernel<uint32_t><<<blocks, threads, 0, stream>>>(static_cast<uint32_t*>(ptr), n,
-                                                                0x7fc00000u, flag);
-      break;
+      return nan_fill_as<uint32_t>(ptr, n, 0x7fc00000u, flag, stream);
     case ScalarType::Half:
-      nan_fill_kernel<uint16_t><<<blocks, threads, 0, stream>>>(static_cast<uint16_t*>(ptr), n,
-                                                                uint16_t(0x7e00), flag);
-      break;
+      return nan_fill_as<uint16_t>(ptr, n, uint16_t(0x7e00), flag, stream);
     default:  // BFloat16
-      nan_fill_kernel<uint16_t><<<blocks, threads, 0, stream>>>(static_cast<uint16_t*>(ptr), n,
-                                                                uint16_t(0x7fc0), flag);
-      break;
+      return nan_fill_as<uint16_t>(ptr, n, uint16_t(0x7fc0), flag, stream);
   }
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // cudaFuncSetAttribute is per device: remember, per kernel instantiation (`done` is a distinct
@@ -121,26 +112,17 @@ void set_smem(Kernel kernel, size_t bytes, int32_t device, std::atomic<uint64_t>
   word.fetch_or(bit, std::memory_order_relaxed);
 }
 
-template <int MODE, int LM>
-void launch_fwd(const Params& k, int32_t device, cudaStream_t stream) {
-  using S = typename Traits<MODE>::S;
-  const size_t smem = Layout<S>::kSmemBytes;
-  auto kernel = supcon_fwd_kernel<MODE, LM>;
+// One fused kernel instance: forward, a block per 64 anchors; backward, a block per 64 rows and
+// DK-column chunk of the gradient.
+template <bool kFwd, int MODE, int LM>
+void launch_fused(const Params& k, int32_t device, cudaStream_t stream) {
+  const size_t smem = Layout<typename Traits<MODE>::S>::kSmemBytes;
+  auto kernel = kFwd ? supcon_fwd_kernel<MODE, LM> : supcon_bwd_kernel<MODE, LM>;
   static std::atomic<uint64_t> done[4]{};
   set_smem(kernel, smem, device, done);
-  const dim3 grid(static_cast<unsigned>((k.na + BM - 1) / BM));
-  kernel<<<grid, NT, smem, stream>>>(k);
-  STD_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int MODE, int LM>
-void launch_bwd(const Params& k, int32_t device, cudaStream_t stream) {
-  using S = typename Traits<MODE>::S;
-  const size_t smem = Layout<S>::kSmemBytes;
-  auto kernel = supcon_bwd_kernel<MODE, LM>;
-  static std::atomic<uint64_t> done[4]{};
-  set_smem(kernel, smem, device, done);
-  const dim3 grid(static_cast<unsigned>((k.M + BM - 1) / BM), static_cast<unsigned>(k.nk));
+  const dim3 grid = kFwd ? dim3(static_cast<unsigned>((k.na + BM - 1) / BM))
+                         : dim3(static_cast<unsigned>((k.M + BM - 1) / BM),
+                                static_cast<unsigned>(k.nk));
   kernel<<<grid, NT, smem, stream>>>(k);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -148,24 +130,20 @@ void launch_bwd(const Params& k, int32_t device, cudaStream_t stream) {
 template <bool kFwd, int MODE>
 void dispatch_labels(int lm, const Params& k, int32_t device, cudaStream_t stream) {
   switch (lm) {
-    case kLCid: kFwd ? launch_fwd<MODE, kLCid>(k, device, stream)
-                     : launch_bwd<MODE, kLCid>(k, device, stream); break;
-    case kLJac1: kFwd ? launch_fwd<MODE, kLJac1>(k, device, stream)
-                      : launch_bwd<MODE, kLJac1>(k, device, stream); break;
-    case kLGen1: kFwd ? launch_fwd<MODE, kLGen1>(k, device, stream)
-                      : launch_bwd<MODE, kLGen1>(k, device, stream); break;
-    default: kFwd ? launch_fwd<MODE, kLGenN>(k, device, stream)
-                  : launch_bwd<MODE, kLGenN>(k, device, stream); break;
+    case kLCid: return launch_fused<kFwd, MODE, kLCid>(k, device, stream);
+    case kLJac1: return launch_fused<kFwd, MODE, kLJac1>(k, device, stream);
+    case kLGen1: return launch_fused<kFwd, MODE, kLGen1>(k, device, stream);
+    default: return launch_fused<kFwd, MODE, kLGenN>(k, device, stream);
   }
 }
 
 template <bool kFwd>
 void dispatch(int mode, int lm, const Params& k, int32_t device, cudaStream_t stream) {
   switch (mode) {
-    case kTF32: dispatch_labels<kFwd, kTF32>(lm, k, device, stream); break;
-    case kTF32x3: dispatch_labels<kFwd, kTF32x3>(lm, k, device, stream); break;
-    case kF16: dispatch_labels<kFwd, kF16>(lm, k, device, stream); break;
-    default: dispatch_labels<kFwd, kBF16>(lm, k, device, stream); break;
+    case kTF32: return dispatch_labels<kFwd, kTF32>(lm, k, device, stream);
+    case kTF32x3: return dispatch_labels<kFwd, kTF32x3>(lm, k, device, stream);
+    case kF16: return dispatch_labels<kFwd, kF16>(lm, k, device, stream);
+    default: return dispatch_labels<kFwd, kBF16>(lm, k, device, stream);
   }
 }
 
@@ -180,7 +158,8 @@ void prep_rows(const Problem& p, const Tensor& labels, RowInfo* info, const floa
   q.base_temperature = p.base_temperature;
   q.cmax = cmax;
   const int threads = 256;
-  prep_rows_kernel<<<static_cast<unsigned>((p.rows + threads - 1) / threads), threads, 0, stream>>>(q);
+  prep_rows_kernel<<<static_cast<unsigned>((p.rows + threads - 1) / threads), threads, 0,
+                     stream>>>(q);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -189,6 +168,29 @@ void launch_counts64(const Problem& p, const Tensor& labels, int32_t* counts,
   if (p.images == 0) return;
   counts64_kernel<<<static_cast<unsigned>((p.images + 255) / 256), 256, 0, stream>>>(
       static_cast<const int64_t*>(labels.const_data_ptr()), p.images, p.words, counts);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_fwd64(const Params64& k, cudaStream_t stream) {
+  const int threads = 128;  // a warp per anchor
+  supcon_fwd64_kernel<<<static_cast<unsigned>((k.na * 32 + threads - 1) / threads), threads, 0,
+                        stream>>>(k);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// coef [M, 3] = (lse or +inf, ca, cb) per row, from the forward's stats and grad_loss.
+void launch_coef64(const Problem& p, const Tensor& stats, const Tensor& grad_loss, double* coef,
+                   cudaStream_t stream) {
+  coef64_kernel<<<static_cast<unsigned>((p.rows + 255) / 256), 256, 0, stream>>>(
+      static_cast<const double*>(stats.const_data_ptr()),
+      static_cast<const double*>(grad_loss.const_data_ptr()), p.rows, p.anchor_begin,
+      p.anchor_end, p.views, p.first_view_only ? 1 : 0, p.base_temperature, coef);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_bwd64(const Params64& k, cudaStream_t stream) {
+  supcon_bwd64_kernel<<<static_cast<unsigned>((k.M + kWarps64 - 1) / kWarps64), 32 * kWarps64, 0,
+                        stream>>>(k);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

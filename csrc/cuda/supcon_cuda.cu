@@ -124,12 +124,7 @@ std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64
     k.a_first = a_first, k.a_step = a_step, k.na = na;
     k.loss = static_cast<double*>(loss.mutable_data_ptr());
     k.stats = static_cast<double*>(stats.mutable_data_ptr());
-    if (na > 0) {
-      const int threads = 128;
-      supcon_fwd64_kernel<<<static_cast<unsigned>((na * 32 + threads - 1) / threads), threads, 0,
-                            stream>>>(k);
-      STD_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (na > 0) launch_fwd64(k, stream);
     nan_fill(loss, ws.flag(), stream);
     nan_fill(stats, ws.flag(), stream);
     return {loss, stats};
@@ -181,17 +176,11 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
       double* coef =
           reinterpret_cast<double*>(static_cast<unsigned char*>(ws.body()) + counts_bytes);
       launch_counts64(p, labels, counts, stream);
-      coef64_kernel<<<static_cast<unsigned>((p.rows + 255) / 256), 256, 0, stream>>>(
-          static_cast<const double*>(stats.const_data_ptr()),
-          static_cast<const double*>(grad_loss.const_data_ptr()), p.rows, p.anchor_begin, p.anchor_end, p.views,
-          p.first_view_only ? 1 : 0, p.base_temperature, coef);
-      STD_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_coef64(p, stats, grad_loss, coef, stream);
       Params64 k = params64(p, features, labels, counts, ws);
       k.coef = coef;
       k.grad = grad_ptr;
-      supcon_bwd64_kernel<<<static_cast<unsigned>((p.rows + kWarps64 - 1) / kWarps64),
-                            32 * kWarps64, 0, stream>>>(k);
-      STD_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_bwd64(k, stream);
     }
     nan_fill(grad, ws.flag(), stream);
     return grad;
@@ -202,7 +191,7 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
   scan_finite(stats, ws.flag(), stream);
   if (Ma == 0) {
     STD_CUDA_CHECK(cudaMemsetAsync(grad.mutable_data_ptr(), 0,
-                                     p.rows * p.dim * features.element_size(), stream));
+                                   p.rows * p.dim * features.element_size(), stream));
   } else {
     RowInfo* info = static_cast<RowInfo*>(ws.body());
     prep_rows(p, labels, info, static_cast<const float*>(stats.const_data_ptr()),

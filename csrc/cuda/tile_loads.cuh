@@ -44,5 +44,15 @@ __device__ __forceinline__ void load_info(RowInfo* sm, const RowInfo* info, int6
   cp_async16(reinterpret_cast<char*>(sm + r) + 16 * part, src, ok);
 }
 
+// Feature rows and row records of the column tile starting at row c0 (zero past M), into one of
+// the two buffers.
+template <typename S>
+__device__ __forceinline__ void load_column_tile(S* Bs, RowInfo* Ci, const S* z, const Params& p,
+                                                 int64_t c0, bool vec) {
+  const int nv = static_cast<int>(p.M - c0 < BN ? p.M - c0 : BN);
+  load_rows<S>(Bs, z, p.D, c0, 1, nv, 0, vec);
+  load_info(Ci, p.info, c0, nv);
+}
+
 }  // namespace cuda_impl
 }  // namespace modan_ext
