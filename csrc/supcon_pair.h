@@ -1,5 +1,5 @@
 // Per-pair label similarity and positive weight: the one definition shared by the CPU and CUDA
-// kernels (DEVELOPERS.md, "Semantics"). Everything here is header-only and host+device.
+// kernels (ARCHITECTURE.md, "The op contract"). Everything here is header-only and host+device.
 #pragma once
 
 #include <cmath>

@@ -9,14 +9,17 @@ the copy Triton ships) and skip, saying why, when the build was CPU-only or no c
   PTX for the recorded PTX targets, with the fused kernels in it: the PTX is what lets the
   driver run the library on a later GPU (modan_ext/_cuda_arch.py);
 * the fused kernels are in it and use tensor-core instructions (HMMA), float32 path included;
-* importing it registers the CUDA kernels of both ops (this works without a GPU too).
+* importing it registers the CUDA kernels of both ops (this works without a GPU too);
+* every kernel's sm_90 machine code matches the committed fingerprint
+  (csrc/cuda/sass_fingerprint.txt, written by .ci/sass_fingerprint.py): a change to csrc/cuda/
+  that was meant to move code only must leave it as it was.
 """
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -25,6 +28,19 @@ import modan_ext
 from modan_ext import ops
 
 PACKAGE = os.path.dirname(modan_ext.__file__)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINGERPRINT_FILE = os.path.join(REPO, "csrc", "cuda", "sass_fingerprint.txt")
+
+
+def _load_fingerprint_tool():
+    path = os.path.join(REPO, ".ci", "sass_fingerprint.py")
+    spec = importlib.util.spec_from_file_location("sass_fingerprint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sass_fingerprint = _load_fingerprint_tool()
 
 
 def cuda_library() -> str:
@@ -37,21 +53,10 @@ def cuda_library() -> str:
 
 
 def cuobjdump() -> str:
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
-    candidates.append(shutil.which("cuobjdump") or "")
-    try:
-        import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                       "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    candidates.append("/usr/local/cuda/bin/cuobjdump")
-    for path in candidates:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    pytest.skip("no cuobjdump found (CUDA_HOME/bin, PATH, triton): cannot read the library")
+    path = sass_fingerprint.find_cuobjdump()
+    if path is None:
+        pytest.skip("no cuobjdump found (CUDA_HOME/bin, PATH, triton): cannot read the library")
+    return path
 
 
 def built_targets() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -136,3 +141,22 @@ def test_importing_the_library_registers_cuda_kernels():
     for op in ("modan_ext::supcon_fwd", "modan_ext::supcon_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     assert modan_ext.kernel_available("cuda")
+
+
+def test_kernels_machine_code_matches_the_committed_fingerprint():
+    lib = cuda_library()
+    tool = cuobjdump()
+    with open(FINGERPRINT_FILE) as f:
+        expected = sass_fingerprint.Fingerprint.parse(f.read())
+    elf_archs = set(re.findall(r"\.(sm_\d+[a-z]?)\.cubin", run(tool, "--list-elf", lib)))
+    if expected.arch not in elf_archs:
+        pytest.skip(f"the library holds no {expected.arch} code (TORCH_CUDA_ARCH_LIST="
+                    f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'unset')}): the fingerprint is "
+                    f"of {expected.arch} code")
+    actual = sass_fingerprint.fingerprint(lib, tool, expected.arch)
+    problems = sass_fingerprint.compare(expected, actual)
+    assert not problems, (
+        "the kernels' machine code differs from csrc/cuda/sass_fingerprint.txt:\n  " +
+        "\n  ".join(problems) + "\nIf the change was meant, rewrite the file with "
+        "`python .ci/sass_fingerprint.py --write csrc/cuda/sass_fingerprint.txt` and say why "
+        "in the commit.")

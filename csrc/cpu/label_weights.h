@@ -1,5 +1,5 @@
-// Tiles of positive weights w_ab between rows of the image-major batch (DEVELOPERS.md,
-// "Semantics"): 1 between views of one image, 0 on the diagonal, else the thresholded label
+// Tiles of positive weights w_ab between rows of the image-major batch (ARCHITECTURE.md, "The
+// op contract"): 1 between views of one image, 0 on the diagonal, else the thresholded label
 // similarity from supcon_pair.h.
 //
 // Images are first mapped to keys: the class id, or the index of their distinct label set. With

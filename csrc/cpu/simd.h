@@ -31,6 +31,14 @@ constexpr int lanes = Vec<T>::lanes;
 
 #define MODAN_INLINE inline __attribute__((always_inline))
 
+// The hot per-tile loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time: one portable build runs vectorised on any x86-64.
+#if defined(__x86_64__) && !defined(__clang__)
+#define MODAN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MODAN_CLONES
+#endif
+
 template <typename T>
 MODAN_INLINE vec_t<T> load(const T* p) {
   vec_t<T> v;
