@@ -1,94 +1,22 @@
-"""AUC, Wilcoxon signed-rank and the table plumbing, on toy cases with known answers."""
-import math
-
+"""The downstream protocol: linear probing on a toy task, fine-tuning's model selection, and
+encoders from pretraining checkpoints."""
 import numpy as np
 import pytest
 import torch
 
-from modan_ext import evaluation as ev
-from modan_ext.readers import DownstreamTask
+from modan_ext.data.records import DownstreamTask
+from modan_ext.training import evaluation as ev
+
+def _torchvision_available() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def test_auc_known_values():
-    assert ev.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
-    assert ev.roc_auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
-    assert ev.roc_auc([0, 1], [0.5, 0.5]) == 0.5                       # a tie counts half
-    assert ev.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75     # sklearn's doc example
-    # positives 3, 2, 2 vs negatives 1, 2: 4 wins + 2 ties of 6 pairs
-    assert ev.roc_auc([1, 0, 1, 0, 1], [3, 1, 2, 2, 2]) == pytest.approx(5 / 6)
-
-
-def test_auc_rejects_one_class_and_nan():
-    with pytest.raises(ValueError, match="both classes"):
-        ev.roc_auc([1, 1], [0.1, 0.2])
-    with pytest.raises(ValueError, match="NaN"):
-        ev.roc_auc([0, 1], [0.1, float("nan")])
-
-
-def test_average_ranks_share_ties():
-    np.testing.assert_array_equal(ev.average_ranks([10, 20, 20, 5]), [2, 3.5, 3.5, 1])
-
-
-def test_wilcoxon_exact_small_cases():
-    # all 5 differences positive: W+ = 15 is the largest of 2^5 equally likely sums
-    r = ev.wilcoxon_signed_rank([1, 2, 3, 4, 5], [0, 0, 0, 0, 0], "greater")
-    assert (r.statistic, r.n, r.method) == (15.0, 5, "exact") and r.p_value == pytest.approx(1 / 32)
-    assert ev.wilcoxon_signed_rank([1, 2, 3, 4, 5], alternative="less").p_value == 1.0
-    # d = [1, -2, 3]: W+ = 4; sums of subsets of {1,2,3} that are >= 4: {1,3},{2,3},{1,2,3} -> 3/8
-    assert ev.wilcoxon_signed_rank([1, -2, 3]).p_value == pytest.approx(3 / 8)
-    # W+ takes 0,1,2,3,3,4,5,6: P(W+ <= 4) = 6/8, two-sided = 2 * min(3/8, 6/8)
-    assert ev.wilcoxon_signed_rank([1, -2, 3], alternative="two-sided").p_value == pytest.approx(0.75)
-    # zeros are dropped; nothing left -> p = 1
-    assert ev.wilcoxon_signed_rank([0.0, 0.0]).p_value == 1.0
-
-
-def test_wilcoxon_with_ties_is_the_exact_permutation_distribution():
-    # |d| = [1, 1, 2]: ranks 1.5, 1.5, 3; d = [+1, +1, -2] gives W+ = 3.
-    # The 8 sign patterns give W+ in {0, 1.5, 1.5, 3, 3, 4.5, 4.5, 6}: P(W+ >= 3) = 5/8
-    assert ev.wilcoxon_signed_rank([1, 1, -2]).p_value == pytest.approx(5 / 8)
-
-
-def test_wilcoxon_normal_approximation_agrees_with_exact_for_moderate_n():
-    rng = np.random.default_rng(0)
-    d = rng.normal(0.3, 1, 22)
-    exact = ev.wilcoxon_signed_rank(d, exact_max_n=25).p_value
-    approx = ev.wilcoxon_signed_rank(d, exact_max_n=0)
-    assert approx.method == "normal" and math.isclose(exact, approx.p_value, abs_tol=0.01)
-
-
-def test_wilcoxon_matches_scipy_without_ties():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(1)
-    for n in (4, 9, 15):
-        x, y = rng.normal(0.2, 1, n), rng.normal(0, 1, n)
-        for alternative in ("greater", "less", "two-sided"):
-            ours = ev.wilcoxon_signed_rank(x, y, alternative).p_value
-            theirs = scipy_stats.wilcoxon(x, y, alternative=alternative, method="exact").pvalue
-            assert ours == pytest.approx(theirs, rel=1e-9)
-
-
-def _rows(method_auc, baseline_auc):
-    rows = []
-    for model, base in (("modan", method_auc), ("scratch", baseline_auc)):
-        for repeat in range(2):
-            for fold in range(3):
-                rows.append({"task": "acl", "protocol": "finetune", "model": model, "repeat": repeat,
-                             "fold": fold, "auc": base + 0.01 * fold + 0.001 * repeat})
-    return rows
-
-
-def test_summary_table_and_files(tmp_path):
-    rows = _rows(0.8, 0.7)
-    summary = ev.summarise(rows, method="modan", unit="fold")
-    cell = {s["model"]: s for s in summary}
-    assert cell["modan"]["mean_auc"] == pytest.approx(0.8105, abs=1e-4)
-    assert cell["scratch"]["p_method_greater"] == pytest.approx(1 / 64, abs=1e-6)  # 6 positive pairs
-    by_repeat = {s["model"]: s for s in ev.summarise(rows, "modan", unit="repeat")}
-    assert by_repeat["scratch"]["p_method_greater"] == pytest.approx(1 / 4, abs=1e-6)
-    written = ev.write_results(rows, tmp_path, "modan", ["modan", "scratch"], log=lambda *_: None)
-    assert "| modan | **0.810 ± " in written["table"] and "modan > scratch" in written["table"]
-    for name in ("fold_aucs.csv", "summary.csv", "table.md"):
-        assert (tmp_path / name).is_file()
+needs_torchvision = pytest.mark.skipif(not _torchvision_available(),
+                                       reason="the encoder is torchvision's ResNet-18 (extra 'examples')")
 
 
 def test_linear_probe_on_a_separable_toy_task_reaches_auc_one():
@@ -100,3 +28,58 @@ def test_linear_probe_on_a_separable_toy_task_reaches_auc_one():
     cfg = ev.ProtocolConfig(probe_epochs=60, probe_eval_every=10, probe_lr=1e-2)
     result = ev.linear_probe_fold(features, task, fold, cfg, seed=0)
     assert result["auc"] == 1.0 and result["best_epoch"] in range(10, 61, 10)
+
+
+def test_paper_protocol_and_its_overrides():
+    paper = ev.ProtocolConfig.paper(repeats=2)
+    assert (paper.repeats, paper.finetune_epochs, paper.finetune_batch_size, paper.step_size,
+            paper.test_unit) == (2, 10, 32, 5, "repeat")
+    with pytest.raises(ValueError, match="test_unit"):
+        ev.ProtocolConfig(test_unit="image")
+
+
+def test_fold_seeds_are_shared_by_models_and_distinct_per_fold():
+    seeds = {ev.fold_seed(0, r, k) for r in range(10) for k in range(-1, 5)}
+    assert len(seeds) == 60
+
+
+def _fake_checkpoint(path, image_size, stem="7x7"):
+    torch.save({"model": {"encoder.w": torch.ones(2), "head.b": torch.zeros(1)},
+                "config": {"image_size": image_size, "stem": stem}}, path)
+
+
+def test_encoders_from_checkpoints_add_scratch_with_their_stem(tmp_path):
+    _fake_checkpoint(tmp_path / "a.pt", 40, "3x3")
+    _fake_checkpoint(tmp_path / "b.pt", 40, "3x3")
+    encoders, size = ev.encoders_from_checkpoints([("modan", tmp_path / "a.pt"),
+                                                   ("simclr", tmp_path / "b.pt")])
+    assert [e.name for e in encoders] == ["modan", "simclr", "scratch"] and size == 40
+    assert list(encoders[0].state) == ["w"] and encoders[2].state is None
+    assert encoders[2].stem == "3x3"
+    encoders, size = ev.encoders_from_checkpoints([], scratch=True)
+    assert [(e.name, e.stem) for e in encoders] == [("scratch", "7x7")] and size is None
+
+
+def test_encoders_trained_at_different_sizes_are_refused(tmp_path):
+    _fake_checkpoint(tmp_path / "a.pt", 40)
+    _fake_checkpoint(tmp_path / "b.pt", 64)
+    with pytest.raises(ValueError, match=r"different image sizes \[40, 64\]"):
+        ev.encoders_from_checkpoints([("a", tmp_path / "a.pt"), ("b", tmp_path / "b.pt")])
+
+
+@needs_torchvision
+def test_evaluate_rows_cover_every_task_protocol_model_and_fold():
+    rng = np.random.default_rng(0)
+    targets = np.array([0, 1] * 6)
+    images = torch.from_numpy(rng.integers(0, 255, (12, 1, 16, 16), dtype=np.uint8))
+    folds = [(np.arange(0, 8), np.arange(8, 10), np.arange(10, 12)),
+             (np.arange(4, 12), np.arange(0, 2), np.arange(2, 4))]
+    task = DownstreamTask("toy", images, targets, folds)
+    cfg = ev.ProtocolConfig(finetune_epochs=1, finetune_batch_size=4, probe_epochs=2,
+                            probe_eval_every=1)
+    rows = ev.evaluate([ev.Encoder("scratch", None, "3x3")], [task], cfg, log=lambda *_: None)
+    assert [(r["protocol"], r["fold"]) for r in rows] == \
+        [("finetune", 0), ("finetune", 1), ("linear", 0), ("linear", 1)]
+    assert all(0 <= r["auc"] <= 1 and r["best_epoch"] >= 1 for r in rows)
+    again = ev.evaluate([ev.Encoder("scratch", None, "3x3")], [task], cfg, log=lambda *_: None)
+    assert rows == again  # seeded per (repeat, fold): reruns give the same AUCs

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from modan_ext.metadata import (LabelVocabulary, PAPER_ANATOMIES, PAPER_MODALITIES,
+from modan_ext.data.metadata import (LabelVocabulary, PAPER_ANATOMIES, PAPER_MODALITIES,
                                 UnknownValueError, paper_vocabulary)
 
 

@@ -1,13 +1,19 @@
-"""Pretraining loop: one tiny step per loss, exact resume, interruption, checkpoint format."""
+"""Pretraining loop: one tiny step per loss, exact resume, interruption, checkpoint format,
+progress output."""
 import csv
+import io
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("torchvision", reason="the encoder is torchvision's ResNet-18 (extra 'examples')")
 
-from modan_ext import pretraining, synthetic  # noqa: E402
-from modan_ext.metadata import LabelVocabulary, paper_vocabulary  # noqa: E402
+from modan_ext.data import synthetic  # noqa: E402
+from modan_ext.data.metadata import LabelVocabulary, paper_vocabulary  # noqa: E402
+from modan_ext.training import augment, checkpoint, embedding, optim, pretraining  # noqa: E402
+from modan_ext.training.model import build_encoder  # noqa: E402
+from modan_ext.training.objective import LOSSES, mean_positives  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +40,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("loss", pretraining.LOSSES)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_one_epoch_of_each_loss_writes_checkpoint_and_metrics(tmp_path, tiny_set, loss):
     summary = pretraining.pretrain(tiny_set, paper_vocabulary(), _config(loss=loss, epochs=1),
                                    tmp_path, log=_quiet, progress=False)
     assert summary["epochs_done"] == 1 and torch.isfinite(torch.tensor(summary["final_loss"]))
-    ckpt = pretraining.load_checkpoint(tmp_path / pretraining.CHECKPOINT_NAME)  # weights_only
+    ckpt = checkpoint.load_checkpoint(tmp_path / checkpoint.CHECKPOINT_NAME)  # weights_only
     assert ckpt["epoch"] == 1 and ckpt["config"]["loss"] == loss
     assert LabelVocabulary.from_json(ckpt["vocabulary"]).size == 12
     with open(tmp_path / "metrics.csv") as fh:
@@ -50,13 +56,13 @@ def test_one_epoch_of_each_loss_writes_checkpoint_and_metrics(tmp_path, tiny_set
         assert float(rows[0]["positives_per_anchor"]) == expected_positives
     else:  # images sharing modality or anatomy are positives too
         assert float(rows[0]["positives_per_anchor"]) > 1.0
-    state, config = pretraining.encoder_from_checkpoint(tmp_path / pretraining.CHECKPOINT_NAME)
-    encoder = pretraining.build_encoder(config["stem"])
+    state, config = checkpoint.encoder_from_checkpoint(tmp_path / checkpoint.CHECKPOINT_NAME)
+    encoder = build_encoder(config["stem"])
     encoder.load_state_dict(state)
 
 
 def _weights(path):
-    return pretraining.load_checkpoint(path / pretraining.CHECKPOINT_NAME)
+    return checkpoint.load_checkpoint(path / checkpoint.CHECKPOINT_NAME)
 
 
 def _assert_same_training_state(a, b):
@@ -115,8 +121,8 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_set):
 def test_views_are_reproducible_and_different():
     images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     cfg = _config()
-    a = pretraining.two_views(images, pretraining.epoch_generator(0, 3, 0), cfg)
-    b = pretraining.two_views(images, pretraining.epoch_generator(0, 3, 0), cfg)
+    a = augment.two_views(images, augment.epoch_generator(0, 3, 0), cfg.crop_scale, cfg.jitter)
+    b = augment.two_views(images, augment.epoch_generator(0, 3, 0), cfg.crop_scale, cfg.jitter)
     assert a.shape == (8, 1, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a[:4], a[4:])
     assert a.min() >= -1 and a.max() <= 1
@@ -124,15 +130,50 @@ def test_views_are_reproducible_and_different():
 
 def test_learning_rate_warms_up_then_decays():
     cfg = _config(epochs=4, warmup_epochs=1)
-    factors = [pretraining.lr_factor(step, 10, cfg) for step in range(40)]
+    factors = [optim.lr_factor(step, 10, cfg) for step in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
 
 
 def test_knn_accuracy_and_positive_counts():
     features = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
-    assert pretraining.knn_accuracy(features, torch.tensor([0, 0, 1, 1]).numpy(), k=1) == 1.0
+    assert embedding.knn_accuracy(features, torch.tensor([0, 0, 1, 1]).numpy(), k=1) == 1.0
     labels = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 1]])
     # Jaccard: (0,1) = 1/3 >= 0.3 -> positive; (0,2) = 0; (1,2) = 1/3 -> positive
     # anchor 0: own other view + 2 views of image 1 = 3; anchor 1: 1 + 2 + 2 = 5; anchor 2: 3
-    assert pretraining.mean_positives("modan", labels, 0.3) == pytest.approx(11 / 3)
+    assert mean_positives(labels, 3, 0.3) == pytest.approx(11 / 3)
+
+
+def test_progress_is_one_log_line_per_epoch_when_stderr_is_not_a_terminal(tmp_path, tiny_set, capsys):
+    lines = []
+    pretraining.pretrain(tiny_set, paper_vocabulary(), _config(loss="simclr"), tmp_path,
+                         log=lines.append, progress=True)
+    epochs = [line for line in lines if line.startswith("[simclr] epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["[simclr] epoch 1/2", "[simclr] epoch 2/2"]
+    assert all(" img/s, " in line for line in epochs)
+    assert capsys.readouterr().err == ""  # no redrawn bar in a log file
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal(tmp_path, tiny_set, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    lines = []
+    pretraining.pretrain(tiny_set, paper_vocabulary(), _config(loss="simclr", epochs=1), tmp_path,
+                         log=lines.append, progress=True)
+    shown = terminal.getvalue()
+    assert "[simclr] epoch 1/1" in shown and "4/4" in shown and "loss=" in shown
+    assert not any(line.startswith("[simclr] epoch") for line in lines)  # the bar said it
+
+
+def test_mean_positives_counts_what_the_loss_contrasts():
+    ids = torch.tensor([3, 3, 5])
+    # class ids: images 0 and 1 share a class: anchors 0 and 1 have 3 positives, anchor 2 one
+    assert mean_positives(ids, 3, 0.3) == pytest.approx(7 / 3)
+    # above 1 no label similarity passes: only the other view of the same image, as in the loss
+    assert mean_positives(ids, 3, 1.5) == 1.0
+    assert mean_positives(None, 5, 0.3) == 1.0  # simclr

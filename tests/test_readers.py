@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modan_ext.metadata import UnknownValueError, paper_vocabulary
-from modan_ext.readers import (MetadataReadError, load_downstream_task, load_grayscale,
-                               load_image_set, read_dicom_headers, read_fold_csvs,
-                               read_metadata_csv, read_radimagenet_split_csv,
-                               read_radimagenet_tree, resolve_image_path, us_anatomy)
+from modan_ext.data.images import load_grayscale, load_image_set
+from modan_ext.data.metadata import UnknownValueError, paper_vocabulary
+from modan_ext.data.readers import (load_downstream_task, read_any, read_dicom_headers,
+                                    read_fold_csvs, read_metadata_csv,
+                                    read_radimagenet_split_csv, read_radimagenet_tree, us_anatomy)
+from modan_ext.data.records import MetadataReadError, resolve_image_path
 
 
 def _png(path: Path, value: int = 128, size: int = 8) -> None:
@@ -235,3 +236,35 @@ def test_load_image_set_from_tree(radimagenet):
     image_set = load_image_set(read_radimagenet_tree(radimagenet), size=16)
     assert image_set.images.shape == (4, 1, 16, 16) and len(image_set) == 4
     assert image_set.images[1].float().mean() == 200  # b.png is flat 200
+
+
+# ---- read_any: which reader a source needs -----------------------------------------------------
+
+def test_read_any_picks_the_reader_from_the_source(radimagenet):
+    assert len(read_any(radimagenet)) == 4                        # folder holding radiology_ai/
+    assert len(read_any(radimagenet / "radiology_ai")) == 4       # the tree itself
+    split = radimagenet / "RadiologyAI_train.csv"
+    split.write_text("filename,label\nradiology_ai/US/liver/d.png,US-liver\n")
+    assert [r.leaf for r in read_any(split)] == ["US-liver"]      # RadImageNet split CSV
+    generic = radimagenet / "meta.csv"
+    generic.write_text("path,modality,anatomy\nradiology_ai/US/liver/d.png,US,abd\n")
+    assert [r.fields for r in read_any(generic)] == [{"modality": "US", "anatomy": "abd"}]
+    # a split-style header read as a generic CSV when columns are named
+    assert [r.fields for r in read_any(split, path_column="filename",
+                                       field_columns={"modality": "label"})] == [{"modality": "US-liver"}]
+    with pytest.raises(MetadataReadError, match="not a folder, CSV or DICOM file"):
+        read_any(radimagenet / "nothing_here")
+
+
+def test_read_any_passes_the_ultrasound_fallback(radimagenet):
+    _png(radimagenet / "radiology_ai" / "US" / "testis" / "e.png")
+    with pytest.raises(MetadataReadError, match="no anatomy mapping"):
+        read_any(radimagenet)
+    assert len(read_any(radimagenet, us_fallback="abd")) == 5
+
+
+@needs_pydicom
+def test_read_any_reads_dicom_folders_and_files(tmp_path):
+    shutil.copy(_sample("MR_small.dcm"), tmp_path / "mr.dcm")
+    assert [r.fields["modality"] for r in read_any(tmp_path)] == ["MR"]
+    assert [r.fields["modality"] for r in read_any(tmp_path / "mr.dcm")] == ["MR"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from modan_ext import synthetic
-from modan_ext.metadata import paper_vocabulary
-from modan_ext.readers import load_downstream_task, read_radimagenet_tree
+from modan_ext.data import synthetic
+from modan_ext.data.metadata import paper_vocabulary
+from modan_ext.data.readers import load_downstream_task, read_radimagenet_tree
 
 
 @pytest.fixture(scope="module")
