@@ -21,9 +21,8 @@ import torch
 from modan_ext.data.sources import load_downstream_tasks
 from modan_ext.training import cli
 from modan_ext.training.evaluation import encoders_from_checkpoints, evaluate
+from modan_ext.training.pretraining import PretrainConfig
 from modan_ext.training.report.files import write_results
-
-DEFAULT_IMAGE_SIZE = 40  # without checkpoints (scratch only): the CPU pretraining size
 
 
 def main(argv=None) -> int:
@@ -45,7 +44,8 @@ def main(argv=None) -> int:
         encoders, size = encoders_from_checkpoints(args.checkpoint, scratch=not args.no_scratch)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    tasks = load_downstream_tasks(cli.task_data(args), args.image_size or size or DEFAULT_IMAGE_SIZE)
+    # without checkpoints (scratch only): the default pretraining size
+    tasks = load_downstream_tasks(cli.task_data(args), args.image_size or size or PretrainConfig.image_size)
     cfg = cli.protocol_config(args)
     names = [e.name for e in encoders]
     method = args.method or ("modan" if "modan" in names else names[0])

@@ -3,29 +3,31 @@ set and formats as the committed examples/results/), resuming, pretrain -> evalu
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("torchvision", reason="the encoder is torchvision's ResNet-18 (extra 'examples')")
 pytest.importorskip("matplotlib", reason="the scripts' figures (extra 'examples')")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "examples" / "results"
-TINY_PRETRAINING = ["--epochs", "1", "--images-per-leaf", "1", "--image-size", "32",
+TINY_PRETRAINING = ["--epochs", "1", "--images-per-leaf", "1", "--image-size", "24",
                     "--batch-size", "8", "--embedding-points", "20", "--threads", "1"]
-TINY_EVALUATION = ["--tasks", "thyroid", "--task-images", "20", "--folds", "3",
+TINY_EVALUATION = ["--tasks", "thyroid", "--task-images", "12", "--folds", "3",
                    "--finetune-epochs", "1", "--probe-epochs", "2"]
 
 pytestmark = pytest.mark.slow
 
 
-def _run(script: str, *args, expect: int = 0) -> subprocess.CompletedProcess:
+def _run(script: str, *args, expect: int = 0, launcher=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, *launcher, str(ROOT / "examples" / script),
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -79,3 +81,22 @@ def test_bad_arguments_are_reported(tmp_path):
     assert "expected NAME=PATH" in done.stderr
     done = _run("pretrain.py", "--out", tmp_path, "--field-columns", "modality", expect=2)
     assert "field=column pairs" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_pretrain_under_torchrun_with_two_ranks(tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()))
+    done = _run("pretrain.py", "--out", tmp_path, *TINY_PRETRAINING, "--batch-size", "4",
+                "--embedding-points", "0", launcher=launcher)
+    assert done.stdout.count("generating the SYNTHETIC") == 1  # only rank 0 talks
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and rows[0]["batch_rows"] == "16"  # 2 views x 4 images x 2 ranks
+    assert (tmp_path / "checkpoint_last.pt").is_file()

@@ -8,6 +8,7 @@ import argparse
 from ..data.metadata import LabelVocabulary
 from ..data.sources import PretrainingData, TaskData, choose_vocabulary, parse_field_columns
 from ..data.synthetic import TASKS
+from ..options import BACKENDS
 from .evaluation import PROTOCOLS, ProtocolConfig
 from .model import STEMS
 from .pretraining import PretrainConfig
@@ -71,7 +72,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--stem", choices=STEMS, default=None,
                        help="first conv: 7x7/2 (authors' code, default) or 3x3/1 (paper text)")
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    train.add_argument("--backend", default="auto", choices=("auto", "kernel", "reference"),
+    train.add_argument("--backend", default="auto", choices=BACKENDS,
                        help="JaccardSupConLoss backend")
     train.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
 

@@ -15,6 +15,7 @@ import torch
 from ..data.metadata import LabelVocabulary
 from ..data.records import ImageSet
 from ..loss import JaccardSupConLoss
+from ..options import DEFAULTS
 from ..reference import label_similarity, positive_weights
 
 LOSSES = ("simclr", "supcon", "modan")
@@ -50,10 +51,11 @@ def batch_labels(loss: str, labels: EncodedLabels, index: torch.Tensor) -> torch
 def mean_positives(labels: torch.Tensor | None, images: int, threshold: float) -> float:
     """Average number of positives per anchor row among the 2B - 1 others (paper: ~330 of 511
     at batch 256): a check that the labels mean what they should. Positives are the loss's own
-    (`modan_ext.reference`), so this counts exactly what the loss contrasts."""
+    (`modan_ext.reference`, the weighting `make_loss` uses), so this counts what the loss
+    contrasts."""
     device = labels.device if labels is not None else None
-    similarity = label_similarity(labels, images, "jaccard", torch.float64, device)
-    similar_images = (positive_weights(similarity, threshold, "jaccard") > 0).float().sum(1)
+    similarity = label_similarity(labels, images, DEFAULTS.weighting, torch.float64, device)
+    similar_images = (positive_weights(similarity, threshold, DEFAULTS.weighting) > 0).float().sum(1)
     return float((2 * similar_images - 1).mean())  # both views of each similar image, minus self
 
 

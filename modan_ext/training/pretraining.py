@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..data.metadata import LabelVocabulary
 from ..data.records import ImageSet
+from ..options import DEFAULTS
 from .augment import epoch_generator, two_views
 from .checkpoint import (CHECKPOINT_NAME, check_resumable, load_checkpoint, restore_training_state,
                          rng_state, save_checkpoint)
@@ -50,8 +51,8 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0       # paper: 3 (of 200)
     schedule: str = "cosine"         # after warm-up: "cosine" to 0 or "constant"
-    temperature: float = 0.07        # paper: T = T_base = 0.07, threshold 0.3
-    threshold: float = 0.3
+    temperature: float = DEFAULTS.temperature  # T = T_base, the paper's (as the loss's defaults)
+    threshold: float = DEFAULTS.threshold
     image_size: int = 40             # paper: 224
     stem: str = "7x7"                # "7x7" (stride 2, authors' code) or "3x3" (stride 1, paper text)
     projection_dim: int = 128
