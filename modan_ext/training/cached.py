@@ -4,14 +4,15 @@ A plain contrastive step keeps every image's activations until backward, so the 
 O(M) loss, limits the batch. Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning
 Batch Size under Memory Limited Setup") splits the step in three:
 
-1. embed the batch chunk by chunk without a graph (only the [M, D] embeddings are kept);
-2. compute the loss on all embeddings at once and its gradient with respect to them (the loss
+1. first pass: embed the batch chunk by chunk without a graph (only the [M, D] embeddings stay);
+2. loss step: the loss on all embeddings at once and its gradient with respect to them (the loss
    sees every negative of the batch, across ranks with ``gather_distributed=True``);
-3. embed each chunk again, now with a graph, and backpropagate its rows of that cached gradient.
+3. second pass: embed each chunk again, now with a graph, and backpropagate its rows of that
+   cached gradient.
 
 Peak memory is one chunk's activations plus O(M·D); the price is one extra forward pass.
-Exactness rests on pass 3 reproducing pass 1, which is why random layers replay their random
-numbers and BatchNorm updates its running statistics in pass 3 only (see
+Exactness rests on the second pass reproducing the first, which is why random layers replay their
+random numbers and BatchNorm updates its running statistics in the second pass only (see
 `cached_contrastive_backward`).
 """
 from __future__ import annotations
@@ -68,18 +69,20 @@ def cached_contrastive_backward(model: nn.Module, views: torch.Tensor, labels, l
           pass over the chunks and the loss would leave them.
         * BatchNorm in training mode normalises each chunk with the chunk's own statistics (as
           DDP without SyncBatchNorm normalises each rank's batch) and updates its running
-          statistics once per chunk (pass 3 only; pass 1 runs with ``track_running_stats``
-          switched off). With ``chunk_size >= B*V`` the step is the plain step, running
-          statistics included. Other layers that change their own state in forward (InstanceNorm
+          statistics once per chunk (in the second pass; the first runs with
+          ``track_running_stats`` switched off). With ``chunk_size >= B*V`` the step is the
+          plain step, running statistics included. As for any batch, BatchNorm1d rejects a
+          chunk of one row: mind the last chunk (B*V % chunk_size == 1). Other layers that change their own state in forward (InstanceNorm
           with ``track_running_stats=True``, ``spectral_norm``'s power iteration) do so in both
           passes: not supported.
         * Autocast: the forwards and the loss run under the caller's autocast (call this inside
           ``torch.autocast``); the backwards run with autocast off, as recommended.
-        * DDP: pass 1 runs through the DDP wrapper without a graph, so DDP broadcasts the
-          buffers once, at the step's first forward, as in the plain step, and nothing else is
-          communicated; pass 3 runs every chunk but the last under ``no_sync()``, so the
-          gradients are all-reduced once per step and ranks may have different numbers of
-          chunks. The loss's own exchange (``gather_distributed``) happens once, in step 2.
+        * DDP: the first pass runs through the DDP wrapper without a graph, so DDP broadcasts
+          the buffers once, at the step's first forward, as in the plain step, and nothing else
+          is communicated; the second pass runs every chunk but the last under ``no_sync()``, so
+          the gradients are all-reduced once per step and ranks may have different numbers of
+          chunks. The loss's own exchange (``gather_distributed``) happens once, in the loss
+          step. DDP(model) and torch.compile(DDP(model)) are recognised (the latter untested).
           SyncBatchNorm communicates in every forward: then every rank needs the same number of
           chunks.
         * A model without parameters that require grad (and views that do not) needs no second
@@ -121,7 +124,8 @@ def cached_contrastive_backward(model: nn.Module, views: torch.Tensor, labels, l
 # ---- the two passes ------------------------------------------------------------------------------
 
 def _embed_without_graph(model, flat: "_Rows", bounds, rng_before: list | None) -> torch.Tensor:
-    """Pass 1: the [M, D] embeddings, chunk by chunk, no graph; records each chunk's RNG state."""
+    """First pass: the [M, D] embeddings, chunk by chunk, no graph; records each chunk's RNG
+    state."""
     features = None
     with torch.no_grad():
         for begin, end in bounds:
@@ -136,8 +140,8 @@ def _embed_without_graph(model, flat: "_Rows", bounds, rng_before: list | None) 
 
 def _backward_chunks(model, flat: "_Rows", bounds, grad: torch.Tensor,
                      rng_before: list | None) -> None:
-    """Pass 3: re-embed each chunk with a graph and backpropagate its rows of `grad`; under DDP
-    only the last chunk's backward all-reduces (every gradient is accumulated by then)."""
+    """Second pass: re-embed each chunk with a graph and backpropagate its rows of `grad`; under
+    DDP only the last chunk's backward all-reduces (every gradient is accumulated by then)."""
     ddp = _ddp_of(model)
     for k, (begin, end) in enumerate(bounds):
         last = k == len(bounds) - 1
@@ -186,8 +190,10 @@ class _RngState:
 @contextlib.contextmanager
 def _running_stats_frozen(model: nn.Module):
     """BatchNorm layers in training mode normalise with the batch's statistics whether or not they
-    track running ones; switching tracking off keeps pass 1 from updating running_mean,
-    running_var and num_batches_tracked, which pass 3 then updates once per chunk."""
+    track running ones; switching tracking off keeps the first pass from updating running_mean,
+    running_var and num_batches_tracked, which the second pass then updates once per chunk.
+    (A snapshot and restore of the buffers would also undo DDP's buffer broadcast, which the
+    first pass's first forward performs.)"""
     switched = [m for m in model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                 and m.track_running_stats]
