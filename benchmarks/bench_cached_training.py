@@ -33,6 +33,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -158,19 +159,29 @@ def run_point(cfg: dict, limit: float, timeout: float) -> dict:
     return dict(cfg, error=f"rc {proc.returncode}: {tail}")
 
 
+def _measured(method: str, points: list[dict]) -> list[tuple[int, int]]:
+    return [(2 * p["images"], p["peak_growth"]) for p in points
+            if p["method"] == method and "peak_growth" in p]
+
+
 def fit_memory(method: str, points: list[dict]):
-    """Least-squares fit of peak growth against M (a + bM, plus cM^2 for supcon) over the
-    method's measured points, or None with fewer than 2; returns a function of M."""
+    """Peak growth as a function of M, from the measured points (None without enough): a + bM
+    (least squares) for the plain and cached steps; for supcon, the fused step's a + bM (the same
+    activations) plus cM², c >= 0 fitted to supcon's excess over fused at equal M (its M x M
+    matrices). A plain fit of a + bM + cM² to supcon's few small points extrapolates badly."""
     import numpy as np
-    done = [(2 * p["images"], p["peak_growth"]) for p in points
-            if p["method"] == method and "error" not in p and "peak_growth" in p]
+    done = _measured("fused" if method == "supcon" else method, points)
     if len(done) < 2:
         return None
-    m = np.array([d[0] for d in done], dtype=float)
-    y = np.array([d[1] for d in done], dtype=float)
-    columns = [np.ones_like(m), m] + ([m * m] if method == "supcon" and len(done) >= 3 else [])
-    coef = np.linalg.lstsq(np.stack(columns, 1), y, rcond=None)[0]
-    return lambda rows: float(sum(c * rows ** k for k, c in enumerate(coef)))
+    b, a = np.polyfit(*np.array(done, dtype=float).T, 1)
+    if method != "supcon":
+        return lambda rows: float(a + b * rows)
+    fused = dict(done)
+    excess = [(m, peak - fused[m]) for m, peak in _measured("supcon", points) if m in fused]
+    if not excess:
+        return None
+    c = max(0.0, sum(d * m ** 2 for m, d in excess) / sum(m ** 4 for m, _ in excess))
+    return lambda rows: float(a + b * rows + c * rows ** 2)
 
 
 def available_bytes() -> int:
@@ -200,8 +211,8 @@ def plot(points: list[dict], path: str, total_memory: float) -> None:
             ax.plot(*zip(*guessed), "o", mfc="none", color=color,
                     label=f"{LABELS[method]}, extrapolated")
     ax.axhline(total_memory / GIB, color="grey", lw=0.8, ls=":")
-    ax.text(ax.get_xlim()[0] * 1.1, total_memory / GIB * 1.08, "machine memory", fontsize=8,
-            color="grey")
+    ax.text(0.02, total_memory / GIB * 1.08, f"machine memory ({total_memory / GIB:.0f} GiB)",
+            transform=ax.get_yaxis_transform(), fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({p["images"] for p in points}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -258,10 +269,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--quick", action="store_true", help="B in {16, 64}, chunk 32")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="only re-make the table and plot of a previous run's .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            run = json.load(f)
+        run.setdefault("total_memory", _proc_kib("/proc/meminfo", "MemTotal") * 1024)
+        write_results(run, args.out)
         return
     if args.quick:
         args.images, args.chunk_size, args.repeats = [16, 64], 32, 1
@@ -279,9 +298,8 @@ def main() -> None:
             fit = fit_memory(method, points)
             estimate = fit(2 * images) if fit else None
             if estimate is not None and estimate > limit:
-                points.append(dict(cfg, estimate=estimate,
-                                   error=f"not run: needs ~{estimate / GIB:.1f} GiB > limit "
-                                         f"{limit / GIB:.1f} GiB"))
+                points.append(dict(cfg, error=f"not run: estimated over the memory limit "
+                                               f"{limit / GIB:.1f} GiB"))
             else:
                 points.append(run_point(cfg, limit, args.timeout))
             p = points[-1]
@@ -289,31 +307,41 @@ def main() -> None:
                      if "times" in p else p["error"])
             print(f"B={images:6d} {method:7s} {shown}", flush=True)
 
-    for p in points:  # what a point not run (or killed) would need, from every measured point
+    header = (f"{started:%Y-%m-%d}, {platform.processor() or platform.machine()}, "
+              f"{args.threads} threads, {total / GIB:.0f} GiB, torch {torch.__version__}; "
+              f"{args.size} px, chunk {args.chunk_size} rows; load average at start "
+              f"{load_start}, at end {load_average()} (1, 5, 15 min).")
+    write_results(dict(header=header, total_memory=total, points=points), args.out)
+
+
+def write_results(run: dict, out: str) -> None:
+    """The table (printed and .md), the raw points (.json) and the plot (.png) of a run; points
+    not measured get the extrapolation of the final fits."""
+    points = run["points"]
+    for p in points:
         fit = fit_memory(p["method"], points)
         if "peak_growth" not in p and fit:
             p["estimate"] = fit(2 * p["images"])
-
-    os.makedirs(args.out, exist_ok=True)
-    header = [f"{started:%Y-%m-%d}, {platform.processor() or platform.machine()}, "
-              f"{args.threads} threads, {total / GIB:.0f} GiB, torch {torch.__version__}; "
-              f"{args.size} px, chunk {args.chunk_size} rows; load average at start "
-              f"{load_start}, at end {load_average()} (1, 5, 15 min)."]
+        limit = re.search(r"limit ([\d.]+ GiB)", p.get("error", ""))
+        if p.get("error", "").startswith("not run") and limit:  # the final fit decides the figure
+            p["error"] = f"not run: estimated over the memory limit {limit.group(1)}"
     notes = ("Step s: wall-clock seconds of one step (the fastest timed one); CPU s: the "
              "process's CPU seconds (all threads) in it, less sensitive to other processes on a "
              "shared machine. 'vs fused': the same over the plain fused step at the same B (per "
              "image, the same ratio). Peak growth: VmHWM during the timed steps minus RSS before "
              "the inputs existed (fresh process per row); 'over inputs' subtracts the views and "
-             "labels. Extrapolated: a least-squares fit to the method's measured rows (a + bM, "
-             "+ cM² for supcon), for rows not run because they would pass the memory limit.")
-    lines = header + [""] + table(points) + ["", notes]
+             "labels. Extrapolated (rows not run, or killed, at the memory limit): fused and "
+             "cached a + bM fitted to their measured rows; supcon the fused fit + cM², c fitted "
+             "to supcon's excess over fused at equal M.")
+    lines = [run["header"], ""] + table(points) + ["", notes]
     print("\n".join(lines))
-    base = os.path.join(args.out, "cached_training")
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, "cached_training")
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(base + ".json", "w", encoding="utf-8") as f:
-        json.dump(dict(header=header[0], points=points), f, indent=1)
-    plot(points, base + ".png", total)
+        json.dump(run, f, indent=1)
+    plot(points, base + ".png", run["total_memory"])
     print(f"wrote {base}.md, .json, .png")
 
 
