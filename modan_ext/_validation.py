@@ -20,7 +20,7 @@ NORMALIZATIONS = ("count", "weight")
 CONTRAST_MODES = ("all", "one")
 REDUCTIONS = ("mean", "sum", "none")
 NAN_POLICIES = ("raise", "propagate")
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = ("auto", "kernel", "reference", "triton")
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

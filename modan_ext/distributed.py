@@ -153,11 +153,13 @@ def _gather_labels(labels, sizes, group):
     return _gather_padded((labels != 0).to(torch.uint8), sizes, group)
 
 
-def _local_kernel_losses(features, labels, opts, begin, images):
-    """Own anchors' losses and 'has a positive' flags from the fused op (anchors: own rows)."""
+def _local_kernel_losses(features, labels, opts, begin, images, backend="kernel"):
+    """Own anchors' losses and 'has a positive' flags from the fused op of `backend` ("kernel" or
+    "triton"; anchors: own rows)."""
     views = features.shape[1] if features.dim() == 3 else 1
+    which = {} if backend == "kernel" else {"backend": backend}  # (supcon_rows' default)
     row_loss, stats = ops.supcon_rows(features, labels, opts, begin * views,
-                                      (begin + images) * views)
+                                      (begin + images) * views, **which)
     return ops.per_anchor(row_loss, stats, features[begin: begin + images], opts)
 
 
@@ -201,8 +203,12 @@ def gathered_loss(features, labels, opts: LossOptions,
     begin = sum(sizes[:rank])
     everyone = all_gather_rows(features, sizes, group)
     everyone_labels = _gather_labels(labels, sizes, group)
-    local = _local_kernel_losses if backend == "kernel" else _local_reference_losses
-    losses, counted = local(everyone, everyone_labels, opts, begin, sizes[rank])
+    if backend == "reference":
+        losses, counted = _local_reference_losses(everyone, everyone_labels, opts, begin,
+                                                  sizes[rank])
+    else:
+        losses, counted = _local_kernel_losses(everyone, everyone_labels, opts, begin,
+                                               sizes[rank], backend)
     if opts.reduction == "none":
         return losses
     total = losses.sum()  # NaN propagates under nan_policy="propagate"

@@ -6,18 +6,26 @@ import contextlib
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, triton_backend
 from ._validation import (LossOptions, check_backend, check_flag, check_inputs,
                           check_options)
 from .reference import jaccard_supcon_loss_reference
 
 
 def resolve_backend(backend: str, device) -> str:
-    """The backend that will run on `device`: "kernel" or "reference"."""
+    """The backend that will run on `device`: "triton", "kernel" or "reference". "auto" on CUDA
+    prefers the Triton kernels (README, "GPU backends": their every line has run, under Triton's
+    interpreter), then the compiled CUDA kernel, then the reference."""
     check_backend(backend)
     device = torch.device(device)
     if backend == "reference":
         return "reference"
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        reason = triton_backend.unavailable_reason(str(device))
+        if reason is None:
+            return "triton"
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' cannot serve {device}: {reason}")
     if ops.kernel_available(device):
         return "kernel"
     if backend == "kernel":
@@ -58,11 +66,12 @@ def _loss(features, labels, opts: LossOptions, backend: str,
 
 def _one_process_loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
     features, labels = check_inputs(features, labels, opts)
-    if resolve_backend(backend, features.device) == "reference":
+    backend = resolve_backend(backend, features.device)
+    if backend == "reference":
         compute_dtype = torch.promote_types(features.dtype, torch.float32)
         return jaccard_supcon_loss_reference(features, labels, **opts.__dict__,
                                              compute_dtype=compute_dtype)
-    row_loss, stats = ops.supcon_rows(features, labels, opts)
+    row_loss, stats = ops.supcon_rows(features, labels, opts, backend=backend)
     return _reduce(row_loss, stats, features, opts)
 
 
@@ -92,8 +101,9 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=0.07, base_tempera
             "binary" (weight 1 for every positive, positives by Jaccard >= threshold).
         nan_policy: "raise" (ValueError on NaN/Inf features, in eager mode) or "propagate"
             (a NaN loss). Inside torch.compile the check cannot run; NaN propagates.
-        backend: "auto" (the compiled kernel for the features' device, else the reference with
-            one warning), "kernel", or "reference".
+        backend: "auto" (on CUDA the Triton kernels, else the compiled kernel for the features'
+            device, else the reference with one warning), "kernel" (the compiled C++/CUDA
+            kernel), "triton", or "reference".
         gather_distributed: under torch.distributed with more than one rank, gather features and
             labels from every rank (uneven batch sizes allowed) and compute this rank's anchors
             against the whole gathered batch; the loss is scaled so that the mean of the ranks'
@@ -126,7 +136,7 @@ class JaccardSupConLoss(nn.Module):
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def backend_for(self, device) -> str:
-        """Which backend runs for inputs on `device`: "kernel" or "reference"."""
+        """Which backend runs for inputs on `device`: "triton", "kernel" or "reference"."""
         return resolve_backend(self.backend, device)
 
     def forward(self, features, labels=None):
