@@ -11,6 +11,7 @@ registers, stack and local memory (spills) from the cubin, shared memory, and in
 from PTX (wgmma) and SASS (HGMMA, DMMA, POPC, atomics), and checks:
 * wgmma / HGMMA in every float32 (tf32, tf32x3), float16 and bfloat16 variant (DMMA for float64);
 * no stack and no local memory (spills) in the main variants (D = 128, the project's default);
+  the table shows every variant's;
 * shared memory within the H200's 227 KiB per block;
 * POPC in every variant (the multi-hot label path);
 * no atomics in the backward (row-owner: bit-for-bit reproducible), nor in the forward;
@@ -35,14 +36,19 @@ from dataclasses import asdict, dataclass
 TARGET_ARCH = 90
 SHARED_LIMIT = 227 * 1024  # bytes per block on H100 / H200
 MAIN_DIM = 128
-DIMS = (16, 32, 64, 128, 256)  # covers every feature-block size config.tiles can choose
+DIMS = range(1, 1025)  # every tile choice of config.tiles occurs here (above: streamed K, alike)
 
 
 @dataclass(frozen=True)
 class Variant:
     kernel: str  # "forward" | "backward"
     precision: int
-    dim: int
+    dim: int  # a feature dimension it serves (MAIN_DIM where it serves that)
+    dims: str = ""  # all the feature dimensions it serves
+    # Triton compiles a kernel again for integer arguments equal to 1 (and for multiples of 16,
+    # which D always is: op.py pads the features' rows to 16 elements): one label word
+    # (<= 64 labels, the paper's case) specialises the word loop away.
+    one_word: bool = False
 
     @property
     def main(self) -> bool:
@@ -59,8 +65,11 @@ def variants() -> list[Variant]:
             for dim in DIMS:
                 key = (kernel, prec, config.tiles(prec, dim, kernel == "backward"))
                 groups.setdefault(key, []).append(dim)
-    return [Variant(kernel, prec, MAIN_DIM if MAIN_DIM in dims else dims[0])
-            for (kernel, prec, _), dims in groups.items()]
+    def served(dims):
+        return f"{dims[0]}-{dims[-1]}" if dims[-1] < DIMS[-1] else f">={dims[0]}"
+    return [Variant(kernel, prec, MAIN_DIM if MAIN_DIM in dims else dims[0], served(dims),
+                    one_word)
+            for (kernel, prec, _), dims in groups.items() for one_word in (False, True)]
 
 
 _FEATURE_TYPES = {0: "fp32", 1: "fp32", 2: "fp16", 3: "bf16", 4: "fp64"}
@@ -92,10 +101,13 @@ def _source(variant: Variant):
                 "label_kind", "weighting", "cid_positive"]
         constexprs = dict(PREC=variant.precision, ONE_CHUNK=tiles.one_chunk, BM=tiles.block_m,
                           BN=tiles.block_n, BK=tiles.block_k, BD=tiles.block_d)
+    if variant.one_word:
+        constexprs["words"] = 1
     signature = {}
     for name in fn.arg_names:
-        signature[name] = pointers.get(name) or ("i32" if name in ints else "constexpr")
-    # torch allocations are 16-byte aligned, and D is a multiple of 16 here (as D = 128 is).
+        signature[name] = pointers.get(name) or \
+            ("i32" if name in ints and name not in constexprs else "constexpr")
+    # torch allocations are 16-byte aligned, and D is a multiple of 16 (op.py pads it).
     aligned = [fn.arg_names.index(n) for n in list(pointers) + ["D"]]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return ASTSource(fn, signature, constexprs, attrs), tiles
@@ -133,7 +145,8 @@ def compile_variant(variant: Variant) -> dict:
 
     return dict(
         kernel=variant.kernel, precision=config.PRECISION_NAMES[variant.precision],
-        dim=variant.dim, main=variant.main, block=f"{tiles.block_m}x{tiles.block_n}x"
+        dim=variant.dim, dims=variant.dims, main=variant.main,
+        specialised="W=1" if variant.one_word else "W>1", block=f"{tiles.block_m}x{tiles.block_n}x"
         f"{tiles.block_k}" + (f"/{tiles.block_d}" if variant.kernel == "backward" else ""),
         one_chunk=tiles.one_chunk, warps=tiles.num_warps, stages=tiles.num_stages,
         target=re.search(r"\.target\s+(\S+)", ptx).group(1),
@@ -153,7 +166,7 @@ def problems(row: dict) -> list[str]:
             out.append("no DMMA (float64 tensor cores)")
     elif row["wgmma"] == 0 or row["hgmma"] == 0:
         out.append(f"no wgmma/HGMMA (wgmma {row['wgmma']}, HGMMA {row['hgmma']})")
-    if row["main"] and (row["stack"] != 0 or row["local"] != 0):
+    if row["main"] and (row["stack"] or row["local"]):
         out.append(f"stack {row['stack']} / local {row['local']} bytes (spills) in a main variant")
     if row["shared"] > SHARED_LIMIT:
         out.append(f"shared memory {row['shared']} > {SHARED_LIMIT}")
@@ -166,7 +179,7 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-COLUMNS = ("kernel", "precision", "dim", "block", "warps", "registers", "stack", "local",
+COLUMNS = ("kernel", "precision", "dims", "specialised", "block", "warps", "registers", "stack", "local",
            "shared", "wgmma", "hgmma", "dmma", "popc", "atomics", "seconds")
 
 
@@ -259,7 +272,7 @@ def main(argv=None) -> int:
     print(f"Triton kernels compiled for sm_{TARGET_ARCH}a: {len(rows)} variants in {elapsed:.0f} s "
           f"({args.jobs} processes{', cached' if args.cache else ''})")
     print(table(rows))
-    failures = [f"{r['kernel']} {r['precision']} D={r['dim']}: {p}" for r in rows
+    failures = [f"{r['kernel']} {r['precision']} D={r['dims']}: {p}" for r in rows
                 for p in problems(r)]
     traced = trace_check()
     print("torch.compile trace (fake CUDA tensors):", "ok" if not traced else "FAILED")

@@ -71,6 +71,17 @@ def check_problem(features, labels, label_kind, views, anchor_begin, anchor_end,
         _fail(f"normalization must be 0 (count) or 1 (weight); got {normalization}")
 
 
+ROW_ALIGN = 16  # elements: the kernels' row loads vectorise (and fit their registers) only so
+
+
+def padded(features: torch.Tensor) -> torch.Tensor:
+    """The features with rows zero-padded to a multiple of ROW_ALIGN elements (a copy, O(M·D),
+    only when D is not one already): zero columns change no similarity, and the kernels then
+    always read aligned rows (unaligned ones spill registers on sm_90; see codegen.py)."""
+    extra = -features.shape[1] % ROW_ALIGN
+    return torch.nn.functional.pad(features, (0, extra)) if extra else features
+
+
 def tf32_planes(features: torch.Tensor, prec: int):
     """(hi, lo) operand planes of the features for the kernels: for TF32X3, hi = the nearest
     tf32 (ties away from zero, as cvt.rna.tf32.f32) and lo = features - hi, exactly (O(M·D)
@@ -103,8 +114,12 @@ class Launch:
     tiles: config.Tiles
     limits: torch.Tensor
     cid_positive: int
-    hi: torch.Tensor
+    hi: torch.Tensor  # the (padded) features, or their tf32 hi plane
     lo: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.hi.shape[1]
 
 
 def prepare(features, labels, label_kind, views, anchor_begin, anchor_end, temperature,
@@ -117,9 +132,8 @@ def prepare(features, labels, label_kind, views, anchor_begin, anchor_end, tempe
     words = labels.size(1) if label_kind == MULTI_HOT.value else 1
     limits = thresholds.positive_limits(weighting, threshold, words, features.device)
     cid_positive = int(1.0 >= threshold)  # class ids: sim = 1 is a positive iff 1 >= threshold
-    hi, lo = tf32_planes(features, prec)
-    return Launch(prec, config.tiles(prec, features.shape[1], backward), limits, cid_positive,
-                  hi, lo)
+    hi, lo = tf32_planes(padded(features), prec)
+    return Launch(prec, config.tiles(prec, hi.shape[1], backward), limits, cid_positive, hi, lo)
 
 
 def _finish_forward(raw, temperature, base_temperature, normalization, finite, loss_dtype):
@@ -149,7 +163,7 @@ def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, label_kind: int, vi
                allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     run = prepare(features, labels, label_kind, views, anchor_begin, anchor_end, temperature,
                   base_temperature, threshold, weighting, normalization, allow_tf32, False)
-    rows, dim = features.shape
+    rows = features.shape[0]
     acc_dtype = _accumulation_dtype(features)
     a_first, a_step, n_anchors = _anchors(views, anchor_begin, anchor_end, first_view_only)
     params = torch.full((1,), 1.0 / temperature, dtype=acc_dtype, device=features.device)
@@ -158,7 +172,7 @@ def supcon_fwd(features: torch.Tensor, labels: torch.Tensor, label_kind: int, vi
     tiles = run.tiles
     grid = (torch.sym_max(1, triton.cdiv(n_anchors, tiles.block_m)),)
     runtime.launch(supcon_forward_kernel, grid, run.hi, run.lo, labels, run.limits, params, raw,
-                   rows, dim, labels.size(1), views, anchor_begin, a_first, a_step, n_anchors,
+                   rows, run.dim, labels.size(1), views, anchor_begin, a_first, a_step, n_anchors,
                    label_kind, weighting, run.cid_positive,
                    PREC=run.prec, ONE_CHUNK=tiles.one_chunk, BM=tiles.block_m,
                    BN=tiles.block_n, BK=tiles.block_k, num_warps=tiles.num_warps,
@@ -220,15 +234,17 @@ def supcon_bwd(grad_loss: torch.Tensor, features: torch.Tensor, labels: torch.Te
     scale = _hz_scale(coef, run.prec)
     inv_t = torch.full((), 1.0 / temperature, dtype=acc_dtype, device=features.device)
     params = torch.stack([inv_t, scale, 1 / scale])
-    grad = torch.empty_like(features)
+    grad = torch.empty(rows, run.dim, dtype=features.dtype, device=features.device)
     tiles = run.tiles
-    grid = (triton.cdiv(rows, tiles.block_m), triton.cdiv(dim, tiles.block_d))
+    grid = (triton.cdiv(rows, tiles.block_m), triton.cdiv(run.dim, tiles.block_d))
     runtime.launch(supcon_backward_kernel, grid, run.hi, run.lo, labels, run.limits, params,
-                   coef, grad, rows, dim, labels.size(1), views, anchor_begin, anchor_end,
+                   coef, grad, rows, run.dim, labels.size(1), views, anchor_begin, anchor_end,
                    int(first_view_only), label_kind, weighting, run.cid_positive,
                    PREC=run.prec, ONE_CHUNK=tiles.one_chunk, BM=tiles.block_m,
                    BN=tiles.block_n, BK=tiles.block_k, BD=tiles.block_d,
                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if run.dim != dim:
+        grad = grad[:, :dim].contiguous()
     finite = torch.isfinite(features).all()
     return torch.where(finite, grad, torch.full_like(grad, float("nan")))
 
