@@ -9,8 +9,7 @@ kernels run on CUDA tensors (the GPU check), unless MODAN_EXT_TEST_INTERPRET=1 a
 interpreter there too.
 
 The interpreter runs numpy underneath: BLAS threads are pinned to one (threaded BLAS on tiny
-blocks is orders of magnitude slower), and numpy's warnings about inf/nan arithmetic are off
-(masked lanes compute exp(-inf) and the like on purpose).
+blocks is orders of magnitude slower).
 """
 from __future__ import annotations
 
@@ -41,8 +40,6 @@ else:
     if INTERPRETED:
         from threadpoolctl import threadpool_limits
         threadpool_limits(1)
-        import numpy as np
-        np.seterr(all="ignore")
 
 requires_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 

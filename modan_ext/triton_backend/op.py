@@ -1,7 +1,7 @@
 """The ops `modan_ext::triton_supcon_fwd` / `triton_supcon_bwd`: the arguments of the C++ ops
 `supcon_fwd` / `supcon_bwd` (ARCHITECTURE.md / DEVELOPERS.md, "The op contract"), op contract v2.
 
-Each op checks the raw problem (as csrc/supcon_problem.h does for the C++ ops), prepares the small
+Each op checks the raw problem (as the C++ ops check theirs), prepares the small
 per-call tables with torch (threshold limits, per-row backward coefficients), launches one Triton
 kernel, and finishes the per-row statistics in float64 with torch. Compiled, they are
 `torch.library.triton_op`s: torch.compile traces through them down to the kernels. Interpreted
