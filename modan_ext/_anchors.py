@@ -19,7 +19,7 @@ def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: Los
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses, counted) of the anchors of images [begin, begin + images) (default: to the end),
     both shaped like reduction "none" for those images: [b, V] ("all"), [b] ("one"), [b] for 2-D
-    features. `backend`: "kernel" or "reference" (resolved)."""
+    features. `backend`: "kernel", "triton" or "reference" (resolved)."""
     images = features.shape[0] - begin if images is None else images
     if backend == "reference":  # O(M^2) over the whole batch, then this range
         compute_dtype = torch.promote_types(features.dtype, torch.float32)
@@ -27,8 +27,8 @@ def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: Los
         return losses[begin:begin + images], counted[begin:begin + images]
     views = features.shape[1] if features.dim() == 3 else 1
     row_loss, stats = ops.supcon_rows(features, labels, opts, begin * views,
-                                      (begin + images) * views)
-    counted = stats[:, 1] > 0  # stats: (lse, count, omega, norm) per row
+                                      (begin + images) * views, backend=backend)
+    counted = stats[:, 1] > 0  # stats: (lse, count, ...) per row
     if features.dim() == 2:
         return row_loss, counted
     if opts.contrast_mode == "one":  # image-major rows: view 0 of each image

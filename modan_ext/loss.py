@@ -7,18 +7,26 @@ import warnings
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, triton_backend
 from ._anchors import anchor_losses, reduce
 from ._validation import check_backend, check_flag, check_inputs, check_options
 from .options import DEFAULTS, LossOptions
 
 
 def resolve_backend(backend: str, device) -> str:
-    """The backend that will run on `device`: "kernel" or "reference"."""
+    """The backend that will run on `device`: "triton", "kernel" or "reference". "auto" on CUDA
+    prefers the Triton kernels (README, "GPU backends": their every line has run, under Triton's
+    interpreter), then the compiled CUDA kernel, then the reference."""
     check_backend(backend)
     device = torch.device(device)
     if backend == "reference":
         return "reference"
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        reason = triton_backend.unavailable_reason(str(device))
+        if reason is None:
+            return "triton"
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' cannot serve {device}: {reason}")
     if ops.kernel_available(device):
         return "kernel"
     if backend == "kernel":
@@ -94,8 +102,9 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=DEFAULTS.temperatu
             "binary" (weight 1 for every positive, positives by Jaccard >= threshold).
         nan_policy: "raise" (ValueError on NaN/Inf features, in eager mode) or "propagate"
             (a NaN loss). Inside torch.compile the check cannot run; NaN propagates.
-        backend: "auto" (the compiled kernel for the features' device, else the reference with
-            one warning), "kernel", or "reference".
+        backend: "auto" (on CUDA the Triton kernels, else the compiled kernel for the features'
+            device, else the reference with one warning), "kernel" (the compiled C++/CUDA
+            kernel), "triton", or "reference".
         gather_distributed: under torch.distributed with more than one rank, gather features and
             labels from every rank (uneven batch sizes allowed) and compute this rank's anchors
             against the whole gathered batch; the loss is scaled so that the mean of the ranks'
@@ -133,7 +142,7 @@ class JaccardSupConLoss(nn.Module):
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def backend_for(self, device) -> str:
-        """Which backend runs for inputs on `device`: "kernel" or "reference"."""
+        """Which backend runs for inputs on `device`: "triton", "kernel" or "reference"."""
         return resolve_backend(self.backend, device)
 
     def forward(self, features, labels=None):

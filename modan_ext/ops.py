@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from . import triton_backend
 from ._cuda_arch import unserved_reason
 from ._validation import label_kind
 from .options import LABEL_KIND_CODES, NORMALIZATION_CODES, WEIGHTING_CODES, LossOptions
@@ -143,19 +144,25 @@ def canonical_labels(labels: torch.Tensor | None, images: int, device) -> tuple[
 
 
 def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossOptions,
-                anchor_begin: int = 0, anchor_end: int | None = None):
-    """Per-row loss and statistics from the fused op, for validated `features` [B, V, D] or
-    [M, D] (rows image-major) and labels of the B images. Returns (loss [Ma], stats [Ma, 4])."""
+                anchor_begin: int = 0, anchor_end: int | None = None, backend: str = "kernel"):
+    """Per-row loss and statistics from the fused op of `backend` ("kernel": supcon_fwd,
+    "triton": triton_supcon_fwd), for validated `features` [B, V, D] or [M, D] (rows image-major)
+    and labels of the B images. Returns (loss [Ma], stats [Ma, 4] or, Triton, [Ma, 5])."""
     views = features.shape[1] if features.dim() == 3 else 1
     z = features.reshape(-1, features.shape[-1])
-    if z.device.type == "cpu" and z.dtype in (torch.float16, torch.bfloat16):
+    if backend == "kernel" and z.device.type == "cpu" and z.dtype in (torch.float16,
+                                                                       torch.bfloat16):
         z = z.float()  # the CPU kernel accumulates in float32 from float32 inputs
     z = z.contiguous()
     packed, kind = canonical_labels(labels, features.shape[0], z.device)
     rows = z.shape[0]
     anchor_end = rows if anchor_end is None else anchor_end
     allow_tf32 = bool(z.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    return torch.ops.modan_ext.supcon_fwd(
+    if not torch.compiler.is_compiling():
+        from .selftest import first_use_check  # a GPU kernel's first use: compare with reference
+        first_use_check(backend, z)
+    op = triton_backend.forward_op() if backend == "triton" else torch.ops.modan_ext.supcon_fwd
+    return op(
         z, packed, kind, views, anchor_begin, anchor_end, opts.contrast_mode == "one",
         opts.temperature, opts.base_temperature, opts.threshold,
         WEIGHTING_CODES[opts.weighting], NORMALIZATION_CODES[opts.normalization], allow_tf32)

@@ -22,7 +22,7 @@ NORMALIZATIONS = tuple(NORMALIZATION_CODES)
 CONTRAST_MODES = ("all", "one")
 REDUCTIONS = ("mean", "sum", "none")
 NAN_POLICIES = ("raise", "propagate")
-BACKENDS = ("auto", "kernel", "reference")
+BACKENDS = ("auto", "kernel", "triton", "reference")
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What a user may pass as labels. "none" (SimCLR) reaches the op as class ids 0..B-1.
 LABEL_KINDS = (*LABEL_KIND_CODES, "none")

@@ -30,6 +30,11 @@ settings.register_profile("dev", derandomize=False, **_COMMON)
 settings.register_profile("thorough", derandomize=False, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# Without a GPU the Triton tests run the kernels in Triton's interpreter, which must be on before
+# triton is first imported (importing torch._dynamo imports it): see tests/triton_setup.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep tests single-threaded unless the caller says otherwise (shared CI machines); the kernel's
 # threading is exercised by the benchmark and by an explicit multi-thread test.
 if "OMP_NUM_THREADS" not in os.environ:

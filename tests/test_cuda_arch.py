@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import modan_ext
-from modan_ext import _cuda_arch, ops
+from modan_ext import _cuda_arch, ops, triton_backend
 
 loss_module = importlib.import_module("modan_ext.loss")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,19 @@ def gpu(monkeypatch):
         monkeypatch.setattr(ops, "CUDA_LOAD_ERROR", None)
         monkeypatch.setattr(_cuda_arch, "BUILT", built)
         monkeypatch.setattr(loss_module, "_warned", False)
+        # These tests are about the C++ kernel's choice: "auto" on CUDA would take the Triton
+        # backend first (test_auto_prefers_triton_whatever_the_cuda_build below).
+        monkeypatch.setattr(triton_backend, "unavailable_reason",
+                            lambda device: "Triton is switched off in this test")
     return install
+
+
+def test_auto_prefers_triton_whatever_the_cuda_build(gpu, monkeypatch):
+    gpu(A100, (SM90, ()), name="NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device: None)
+    assert modan_ext.resolve_backend("auto", "cuda:0") == "triton"
+    with pytest.raises(RuntimeError, match=r"'kernel'.*TORCH_CUDA_ARCH_LIST including 8\.0"):
+        modan_ext.resolve_backend("kernel", "cuda")
 
 
 def test_an_sm90_build_does_not_serve_an_a100(gpu):

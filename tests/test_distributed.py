@@ -178,10 +178,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     seen = []
     supcon_rows = ops.supcon_rows
 
-    def spy(features, labels, opts, anchor_begin=0, anchor_end=None):
+    def spy(features, labels, opts, anchor_begin=0, anchor_end=None, **kwargs):
         rows = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
         seen.append((anchor_begin, rows if anchor_end is None else anchor_end, rows))
-        return supcon_rows(features, labels, opts, anchor_begin, anchor_end)
+        return supcon_rows(features, labels, opts, anchor_begin, anchor_end, **kwargs)
 
     ops.supcon_rows = spy
     results = {}
