@@ -1,4 +1,5 @@
-"""What every benchmark shares: the problem (inputs), the machine's name, memory probes, a port.
+"""What every benchmark shares: the problem (inputs), the machine (name, memory, load), memory
+probes, a port.
 
 Problem (paper-like): B = M / V images of V views, unit-norm features [B, V, D], L = 12 labels
 (one of 3 modalities + one of 9 anatomies per image, so w in {0, 1/3, 1} at threshold 0.3).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import platform
 import socket
 
-MIB = 2 ** 20
+MIB, GIB = 2 ** 20, 2 ** 30
 
 
 def make_inputs(rows: int, dim: int, views: int, seed: int, device, dtype=None):
@@ -19,10 +20,16 @@ def make_inputs(rows: int, dim: int, views: int, seed: int, device, dtype=None):
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(images, views, dim, generator=gen)
     features = torch.nn.functional.normalize(features, dim=-1)
+    return features.to(device=device, dtype=dtype), paper_labels(images, gen).to(device)
+
+
+def paper_labels(images: int, generator):
+    """Multi-hot labels [images, 12]: one of 3 modalities + one of 9 anatomies per image."""
+    import torch
     labels = torch.zeros(images, 12, dtype=torch.bool)
-    labels[torch.arange(images), torch.randint(3, (images,), generator=gen)] = True
-    labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=gen)] = True
-    return features.to(device=device, dtype=dtype), labels.to(device)
+    labels[torch.arange(images), torch.randint(3, (images,), generator=generator)] = True
+    labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=generator)] = True
+    return labels
 
 
 def cpu_name() -> str:
@@ -45,9 +52,9 @@ def _field(path: str, name: str) -> int:
     raise RuntimeError(f"{name} not in {path}")
 
 
-def status_bytes(field: str) -> int:
-    """A memory figure of this process (VmRSS, VmHWM, ...) in bytes."""
-    return _field("/proc/self/status", field) * 1024
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory figure (VmRSS, VmHWM, ...) of this process or of process `pid`, in bytes."""
+    return _field(f"/proc/{pid}/status", field) * 1024
 
 
 def available_bytes() -> int:
@@ -56,6 +63,24 @@ def available_bytes() -> int:
         return _field("/proc/meminfo", "MemAvailable") * 1024
     except (OSError, RuntimeError):
         return 1 << 62
+
+
+def total_bytes() -> int:
+    """The machine's memory (0 where /proc/meminfo is missing)."""
+    try:
+        return _field("/proc/meminfo", "MemTotal") * 1024
+    except (OSError, RuntimeError):
+        return 0
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("?" where /proc/loadavg is missing): how busy a
+    shared machine was while something was timed."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def reset_peak() -> bool:

@@ -7,8 +7,8 @@ of a SupContrast-style step, the same step with the fused loss, and the gradient
 
 Model and data: `ContrastiveModel` (ResNet-18, one input channel, 7x7 stem, 512 -> 512 -> 128
 projection, L2-normalised), 64 x 64 px random images, V = 2 views (M = 2B rows), paper-like labels
-(one of 3 modalities + one of 9 anatomies), SGD with momentum; a step is zero_grad, forward,
-loss, backward, optimizer step.
+(_common.paper_labels: one of 3 modalities + one of 9 anatomies), SGD with momentum; a step is
+zero_grad, forward, loss, backward, optimizer step.
 
 Methods:
   supcon  plain step, naive loss: the plain-PyTorch reference (every M x M matrix, float32 as
@@ -32,54 +32,35 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import time
 
+from _common import (GIB, MIB, available_bytes, cpu_name, load_average, paper_labels, reset_peak,
+                     status_bytes, total_bytes)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("supcon", "fused", "cached")
 LABELS = {"supcon": "SupContrast-style (M×M loss)", "fused": "plain step, fused loss",
           "cached": "cached step, fused loss"}
-GIB, MIB = 2 ** 30, 2 ** 20
 
 
 # ---- the worker: one (method, B) in this process -------------------------------------------------
-
-def _proc_kib(path: str, field: str) -> int:
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in {path}")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
 
 def make_batch(images: int, size: int, seed: int = 0):
     """Random views [B, 2, 1, size, size] and paper-like multi-hot labels [B, 12]."""
     import torch
     gen = torch.Generator().manual_seed(seed)
     views = torch.randn(images, 2, 1, size, size, generator=gen)
-    labels = torch.zeros(images, 12, dtype=torch.bool)
-    labels[torch.arange(images), torch.randint(3, (images,), generator=gen)] = True
-    labels[torch.arange(images), 3 + torch.randint(9, (images,), generator=gen)] = True
-    return views, labels
+    return views, paper_labels(images, gen)
 
 
 def make_step(method: str, model, chunk_size: int):
     import torch
     from modan_ext import jaccard_supcon_loss
     from modan_ext.reference import jaccard_supcon_loss_reference
-    from modan_ext.training.cached import cached_contrastive_backward
+    from modan_ext.training import cached_contrastive_backward
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if method == "supcon":
@@ -105,24 +86,24 @@ def make_step(method: str, model, chunk_size: int):
 
 def worker(cfg: dict) -> dict:
     import torch
-    from modan_ext.pretraining import ContrastiveModel
+    from modan_ext.training.model import ContrastiveModel
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     model = ContrastiveModel("7x7", 128)
     step = make_step(cfg["method"], model, cfg["chunk_size"])
     step(*make_batch(4, cfg["size"], seed=1))  # code paths, gradients, momentum buffers
     gc.collect()
-    rss0 = _proc_kib("/proc/self/status", "VmRSS") * 1024
+    rss0 = status_bytes("VmRSS")
     views, labels = make_batch(cfg["images"], cfg["size"])
     inputs = views.numel() * views.element_size() + labels.numel() * labels.element_size()
-    reset = _reset_peak()
+    reset = reset_peak()
     times, cpu_times, loss = [], [], None
     for _ in range(cfg["repeats"]):
         t, cpu = time.perf_counter(), time.process_time()
         loss = step(views, labels)
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - cpu)
-    peak = _proc_kib("/proc/self/status", "VmHWM") * 1024
+    peak = status_bytes("VmHWM")
     return dict(cfg, times=times, cpu_times=cpu_times, peak_growth=peak - rss0, inputs=inputs,
                 peak_reset=reset, loss=loss)
 
@@ -138,7 +119,7 @@ def run_point(cfg: dict, limit: float, timeout: float) -> dict:
     start, killed = time.monotonic(), None
     while proc.poll() is None:
         try:
-            rss = _proc_kib(f"/proc/{proc.pid}/status", "VmRSS") * 1024
+            rss = status_bytes("VmRSS", proc.pid)
         except (OSError, RuntimeError):
             rss = 0
         if rss > limit:
@@ -184,15 +165,6 @@ def fit_memory(method: str, points: list[dict]):
     return lambda rows: float(a + b * rows + c * rows ** 2)
 
 
-def available_bytes() -> int:
-    return _proc_kib("/proc/meminfo", "MemAvailable") * 1024
-
-
-def load_average() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def plot(points: list[dict], path: str, total_memory: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -210,9 +182,10 @@ def plot(points: list[dict], path: str, total_memory: float) -> None:
             ax.plot(*zip(*link), "--", color=color)
             ax.plot(*zip(*guessed), "o", mfc="none", color=color,
                     label=f"{LABELS[method]}, extrapolated")
-    ax.axhline(total_memory / GIB, color="grey", lw=0.8, ls=":")
-    ax.text(0.02, total_memory / GIB * 1.08, f"machine memory ({total_memory / GIB:.0f} GiB)",
-            transform=ax.get_yaxis_transform(), fontsize=8, color="grey")
+    if total_memory:
+        ax.axhline(total_memory / GIB, color="grey", lw=0.8, ls=":")
+        ax.text(0.02, total_memory / GIB * 1.08, f"machine memory ({total_memory / GIB:.0f} GiB)",
+                transform=ax.get_yaxis_transform(), fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({p["images"] for p in points}))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -279,14 +252,14 @@ def main() -> None:
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             run = json.load(f)
-        run.setdefault("total_memory", _proc_kib("/proc/meminfo", "MemTotal") * 1024)
+        run.setdefault("total_memory", total_bytes())
         write_results(run, args.out)
         return
     if args.quick:
         args.images, args.chunk_size, args.repeats = [16, 64], 32, 1
 
     import torch
-    total = _proc_kib("/proc/meminfo", "MemTotal") * 1024
+    total = total_bytes()
     started, load_start = datetime.datetime.now(), load_average()
     points: list[dict] = []
     for images in sorted(args.images):
@@ -307,7 +280,7 @@ def main() -> None:
                      if "times" in p else p["error"])
             print(f"B={images:6d} {method:7s} {shown}", flush=True)
 
-    header = (f"{started:%Y-%m-%d}, {platform.processor() or platform.machine()}, "
+    header = (f"{started:%Y-%m-%d}, {cpu_name()}, "
               f"{args.threads} threads, {total / GIB:.0f} GiB, torch {torch.__version__}; "
               f"{args.size} px, chunk {args.chunk_size} rows; load average at start "
               f"{load_start}, at end {load_average()} (1, 5, 15 min).")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from modan_ext import JaccardSupConLoss
-from modan_ext.training.cached import cached_contrastive_backward
+from modan_ext.training import cached_contrastive_backward  # the public API (issue 10)
 
 IN_DIM, HIDDEN, DIM, NUM_LABELS = 6, 16, 5, 7
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

@@ -39,12 +39,12 @@ def test_explicit_options_override_either_preset():
     args = _parse("--paper", "--epochs", "3", "--batch-size", "32", "--lr", "0.1", "--stem", "3x3",
                   "--no-amp", "--backend", "reference", "--image-size", "64", "--warmup-epochs",
                   "0.5", "--temperature", "0.1", "--threshold", "0.5", "--embedding-points", "0",
-                  "--seed", "7")
+                  "--seed", "7", "--chunk-size", "64")
     cfg = cli.pretrain_config(args, "supcon")
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.stem, cfg.amp, cfg.loss_backend) == \
         (3, 32, 0.1, "3x3", False, "reference")
     assert (cfg.image_size, cfg.warmup_epochs, cfg.temperature, cfg.threshold,
-            cfg.embedding_points, cfg.seed) == (64, 0.5, 0.1, 0.5, 0, 7)
+            cfg.embedding_points, cfg.seed, cfg.chunk_size) == (64, 0.5, 0.1, 0.5, 0, 7, 64)
     assert cfg.crop_scale == (0.2, 1.0)  # still the paper's where not overridden
     args = _parse("--repeats", "3", "--finetune-epochs", "2", "--finetune-lr", "0.01",
                   "--finetune-batch-size", "8", "--probe-epochs", "9", "--test-unit", "repeat",

@@ -98,16 +98,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_pretrain_under_torchrun_with_two_ranks(tmp_path):
+@pytest.mark.parametrize("chunk_size", [0, 4], ids=["plain", "cached"])
+def test_pretrain_under_torchrun_with_two_ranks(tmp_path, chunk_size):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                str(ROOT / "examples" / "pretrain.py"), "--out", str(tmp_path), *TINY_PRETRAINING,
-               "--batch-size", "4", "--embedding-points", "0", "--threads", "1"]
+               "--batch-size", "4", "--embedding-points", "0", "--threads", "1",
+               "--chunk-size", str(chunk_size)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("generating the SYNTHETIC") == 1  # only rank 0 talks
+    batch = "batch 4 images x 2 views x 2 ranks = 16 rows a step"
+    assert batch + ("; gradient caching: chunks of 4 rows, 2 a rank a step" if chunk_size else
+                    " (plain step: 8 rows a rank at once)") in done.stdout
     with open(tmp_path / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["batch_rows"] == "16"  # 2 views x 4 images x 2 ranks
+    assert rows[0]["chunk_rows"] == str(chunk_size)
     assert (tmp_path / "checkpoint_last.pt").is_file()

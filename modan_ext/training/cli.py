@@ -69,6 +69,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="paper settings: 224 px, batch 256, 200 epochs, 3 warm-up (a GPU job)")
     for name, kind in TRAINING_OPTIONS:
         train.add_argument(f"--{name}", type=kind, default=None)
+    train.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                       help="gradient caching: embed N rows (images x 2 views, N even) at a time, "
+                            "so the batch is not limited by the encoder's activations "
+                            "(default 0: the whole batch at once)")
     train.add_argument("--stem", choices=STEMS, default=None,
                        help="first conv: 7x7/2 (authors' code, default) or 3x3/1 (paper text)")
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
@@ -100,7 +104,8 @@ def _option_values(args: argparse.Namespace, options) -> dict:
 
 def pretrain_config(args: argparse.Namespace, loss: str) -> PretrainConfig:
     return preset(PretrainConfig, args.paper, **_option_values(args, TRAINING_OPTIONS),
-                  stem=args.stem, loss=loss, amp=not args.no_amp, loss_backend=args.backend)
+                  chunk_size=args.chunk_size, stem=args.stem, loss=loss, amp=not args.no_amp,
+                  loss_backend=args.backend)
 
 
 def protocol_config(args: argparse.Namespace) -> ProtocolConfig:

@@ -28,6 +28,7 @@ from ..data.metadata import LabelVocabulary
 from ..data.records import ImageSet
 from ..options import DEFAULTS
 from .augment import epoch_generator, two_views
+from .cached import cached_contrastive_backward
 from .checkpoint import (CHECKPOINT_NAME, check_resumable, load_checkpoint, restore_training_state,
                          rng_state, save_checkpoint)
 from .embedding import embedding_map
@@ -46,6 +47,7 @@ class PretrainConfig:
     loss: str = "modan"
     epochs: int = 8                  # CPU defaults: the main job in ~10 min on 2 cores
     batch_size: int = 64             # small batches: more SGD steps in few epochs
+    chunk_size: int = 0              # gradient caching: rows embedded at once (0: the plain step)
     lr: float = 0.05                 # paper: SGD 0.05, momentum 0.9, wd 1e-4, batch 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -71,6 +73,12 @@ class PretrainConfig:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
         self.crop_scale = tuple(self.crop_scale)
+        # even: a chunk holds both views of whole images and is never a single row, which
+        # BatchNorm cannot normalise (every batch has 2 * batch_size rows)
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
+                or self.chunk_size < 0 or self.chunk_size % 2:
+            raise ValueError(f"chunk_size must be 0 (the plain step) or an even number of rows "
+                             f"(images x 2 views) to embed at once; got {self.chunk_size!r}")
 
     @classmethod
     def paper(cls, **overrides) -> "PretrainConfig":
@@ -79,6 +87,18 @@ class PretrainConfig:
                         crop_scale=(0.2, 1.0), embedding_points=2000)
         settings.update(overrides)
         return cls(**settings)
+
+
+def batch_description(cfg: PretrainConfig, world_size: int) -> str:
+    """The effective batch of a step and, with gradient caching, its chunks."""
+    rows = 2 * cfg.batch_size
+    text = (f"batch {cfg.batch_size} images x 2 views x {world_size} "
+            f"rank{'s' if world_size > 1 else ''} = {rows * world_size} rows a step")
+    if not cfg.chunk_size:
+        return text + f" (plain step: {rows} rows a rank at once)"
+    chunks = -(-rows // cfg.chunk_size)
+    return text + (f"; gradient caching: chunks of {min(cfg.chunk_size, rows)} rows, "
+                   f"{chunks} a rank a step")
 
 
 def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConfig,
@@ -129,6 +149,8 @@ def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConf
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     images_on_device = image_set.images.to(device)
     last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start_epoch + stop_after_epochs)
+    if dist.main and start_epoch < last_epoch:
+        log(f"[{cfg.loss}] {batch_description(cfg, dist.world_size)}")
     for epoch in range(start_epoch, last_epoch):
         train_model.train()
         generator = epoch_generator(cfg.seed, epoch, dist.rank)
@@ -144,13 +166,21 @@ def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConf
                               cfg.jitter)
             target = batch_labels(cfg.loss, labels, index)
             target = target.to(device) if target is not None else None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                z = train_model(views)
             b = index.numel()
-            features = torch.stack([z[:b], z[b:]], dim=1)  # [B, 2, D]
-            loss = loss_fn(features, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if cfg.chunk_size:
+                optimizer.zero_grad(set_to_none=True)
+                # views are view-major [2B, ...]; the cached step takes [B, 2, ...] (no copy)
+                per_image = views.view(2, b, *views.shape[1:]).transpose(0, 1)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = cached_contrastive_backward(train_model, per_image, target, loss_fn,
+                                                       cfg.chunk_size, scaler=scaler)
+            else:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    z = train_model(views)
+                features = torch.stack([z[:b], z[b:]], dim=1)  # [B, 2, D]
+                loss = loss_fn(features, target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -169,7 +199,8 @@ def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConf
                         "lr": round(scheduler.get_last_lr()[0], 8), "seconds": round(seconds, 3),
                         "images_per_s": round(rate, 1),
                         "positives_per_anchor": round(float(np.mean(positives)), 2),
-                        "batch_rows": 2 * cfg.batch_size * dist.world_size})
+                        "batch_rows": 2 * cfg.batch_size * dist.world_size,
+                        "chunk_rows": cfg.chunk_size})
         if dist.main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

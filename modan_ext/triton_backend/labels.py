@@ -1,6 +1,6 @@
 """Device side of the labels: popcounts of packed label words and the weight of each pair.
 
-The op contract's label rule (ARCHITECTURE.md / DEVELOPERS.md, "Semantics"), for a tile of
+The op contract's label rule (ARCHITECTURE.md, "Semantics"), for a tile of
 (row, column) pairs of distinct rows:
 * same image: a positive with weight 1;
 * multi-hot: n_and = popcount(y_i & y_j); the pair is a positive iff n_and > 0 and its integer

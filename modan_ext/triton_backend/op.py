@@ -1,5 +1,5 @@
 """The ops `modan_ext::triton_supcon_fwd` / `triton_supcon_bwd`: the arguments of the C++ ops
-`supcon_fwd` / `supcon_bwd` (ARCHITECTURE.md / DEVELOPERS.md, "The op contract"), op contract v2.
+`supcon_fwd` / `supcon_bwd` (ARCHITECTURE.md, "The op contract"), op contract v2.
 
 Each op checks the raw problem (as the C++ ops check theirs), prepares the small
 per-call tables with torch (threshold limits, per-row backward coefficients), launches one Triton
