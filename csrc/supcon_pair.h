@@ -49,6 +49,12 @@ MODAN_HD double positive_weight(double sim, double threshold, int64_t weighting)
   return weighting == kBinary ? 1.0 : sim;
 }
 
+// Weight of another image with the anchor's class id (class-id labels: sim = 1 for equal ids,
+// else 0, then the multi-hot rule): 1, or 0 when threshold > 1.
+MODAN_HD double same_class_weight(double threshold, int64_t weighting) {
+  return positive_weight(1.0, threshold, weighting);
+}
+
 // The weight of contrast image j for anchor image i (1 for the same image: its other views are
 // always positives), reading packed labels (row stride `words`) and per-image popcounts
 // (`label_count`, multi-hot only).
@@ -56,18 +62,14 @@ MODAN_HD double pair_weight(const int64_t* labels, const int32_t* label_count, i
                             int64_t label_kind, int64_t i, int64_t j, double threshold,
                             int64_t weighting) {
   if (i == j) return 1.0;
-  double sim;
-  if (label_kind == kClassIds) {
-    sim = labels[i] == labels[j] ? 1.0 : 0.0;
-  } else {
-    const int64_t* yi = labels + i * words;
-    const int64_t* yj = labels + j * words;
-    int n_and = 0;
-    for (int64_t w = 0; w < words; ++w)
-      n_and += popcount64(static_cast<uint64_t>(yi[w] & yj[w]));
-    sim = label_similarity(weighting, n_and, label_count[i], label_count[j]);
-  }
-  return positive_weight(sim, threshold, weighting);
+  if (label_kind == kClassIds)
+    return labels[i] == labels[j] ? same_class_weight(threshold, weighting) : 0.0;
+  const int64_t* yi = labels + i * words;
+  const int64_t* yj = labels + j * words;
+  int n_and = 0;
+  for (int64_t w = 0; w < words; ++w) n_and += popcount64(static_cast<uint64_t>(yi[w] & yj[w]));
+  return positive_weight(label_similarity(weighting, n_and, label_count[i], label_count[j]),
+                         threshold, weighting);
 }
 
 }  // namespace modan_ext

@@ -25,10 +25,20 @@ MODAN_HD bool is_anchor(int64_t r, int64_t anchor_begin, int64_t anchor_end, boo
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-// dtype of loss, stats and grad_loss: float64 for float64 features, float32 otherwise.
+// dtype of loss and grad_loss: float64 for float64 features, float32 otherwise.
 inline ScalarType loss_dtype(ScalarType features) {
   return features == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
+
+// The columns of stats [Ma, kStatsColumns], float64 for every feature dtype (op contract v2):
+// lse = log Σ_{k≠a} exp(s_ak/T) (0 without another row), count = |P(a)|, omega = Σ_{b∈P(a)} w_ab,
+// norm = count or omega, entropy = H(p_a) = lse − Σ_k p_ak s_ak/T. count, omega and norm are 0
+// for anchors without a positive; all five are 0 for rows that are not anchors. The backward
+// reads lse unrounded (float32 would move Σ_b p_ab off 1 by up to half an ulp of lse); the
+// Python layer turns (omega, norm, entropy) into the temperature's gradient.
+enum StatsColumn : int64_t { kLse = 0, kCount = 1, kOmega = 2, kNorm = 3, kEntropy = 4 };
+constexpr int64_t kStatsColumns = 5;
+constexpr ScalarType kStatsDtype = ScalarType::Double;
 
 struct Problem {
   int64_t rows, dim, images, words, views;  // M, D, B, W, V: features [M, D], labels [B, W]
@@ -80,7 +90,7 @@ inline Problem check_problem(const Tensor& features, const Tensor& labels, int64
                  normalization, features.scalar_type()};
 }
 
-// supcon_bwd's own arguments: grad_loss [Ma] and the stats [Ma, 4] of supcon_fwd.
+// supcon_bwd's own arguments: grad_loss [Ma] and the stats [Ma, 5] of supcon_fwd.
 inline void check_backward(const Problem& p, const Tensor& features, const Tensor& grad_loss,
                            const Tensor& stats) {
   STD_TORCH_CHECK(grad_loss.device() == features.device() && stats.device() == features.device(),
@@ -90,9 +100,11 @@ inline void check_backward(const Problem& p, const Tensor& features, const Tenso
                       grad_loss.size(0) == p.anchors() && grad_loss.is_contiguous(),
                   "modan_ext: grad_loss must be a contiguous [Ma] tensor of the loss dtype "
                   "(float64 for float64 features, float32 otherwise)");
-  STD_TORCH_CHECK(stats.scalar_type() == dtype && stats.dim() == 2 &&
-                      stats.size(0) == p.anchors() && stats.size(1) == 4 && stats.is_contiguous(),
-                  "modan_ext: stats must be the [Ma, 4] statistics from supcon_fwd");
+  STD_TORCH_CHECK(stats.scalar_type() == kStatsDtype && stats.dim() == 2 &&
+                      stats.size(0) == p.anchors() && stats.size(1) == kStatsColumns &&
+                      stats.is_contiguous(),
+                  "modan_ext: stats must be the contiguous float64 [Ma, 5] statistics from "
+                  "supcon_fwd");
 }
 
 }  // namespace modan_ext

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +25,25 @@ def _choice(name: str, value, allowed) -> str:
     return value
 
 
+_TENSOR_OPTION_IN_GRAPH = ("modan_ext: an option given as a tensor is read as a Python float (the "
+                           "fused op takes floats); a compiled graph cannot hold its value. Pass "
+                           "a float, or leave the loss call outside fullgraph compilation")
+
+
+def _tensor_value(value: torch.Tensor):
+    if torch.compiler.is_compiling():
+        # A graph break that says why (fullgraph=True reports it); the value is then read
+        # eagerly. torch._dynamo is imported here, not at the top: `import modan_ext` should not
+        # pay for it (it brings triton), and while compiling it is already loaded.
+        from torch._dynamo import graph_break
+        graph_break(msg=_TENSOR_OPTION_IN_GRAPH)
+    return value.item()
+
+
 def _real(name: str, value) -> float:
     """A Python float from any real number (int, float, NumPy scalar, 0-d tensor)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
-        value = value.item()
+        value = _tensor_value(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
     return float(value)
@@ -35,9 +51,27 @@ def _real(name: str, value) -> float:
 
 def _positive_float(name: str, value) -> float:
     value = _real(name, value)
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float option is a
+    # symbolic value, which comparisons accept (as guards) and math.isfinite does not.
+    if not 0 < value < math.inf:  # also rejects NaN
         raise ValueError(f"{name} must be a finite number > 0; got {value}")
     return float(value)
+
+
+@dataclass(frozen=True, eq=False)
+class LearnableTemperatures:
+    """The temperature and base temperature as given, where they are tensors that require grad
+    (None otherwise): the loss gives them a gradient (`_anchors`, `reference`)."""
+    temperature: torch.Tensor | None = None
+    base_temperature: torch.Tensor | None = None
+
+
+def learnable_temperatures(temperature, base_temperature) -> LearnableTemperatures | None:
+    """Which of the (already checked) temperatures need a gradient; None when neither does."""
+    def learnable(value):
+        return value if isinstance(value, torch.Tensor) and value.requires_grad else None
+    t, t_base = learnable(temperature), learnable(base_temperature)
+    return None if t is None and t_base is None else LearnableTemperatures(t, t_base)
 
 
 def check_options(*, temperature=DEFAULTS.temperature,

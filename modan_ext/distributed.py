@@ -19,9 +19,10 @@ The gather's backward all-reduces (SUM) the gradient of the gathered features an
 rank's own rows: every rank's loss reaches every rank's features, and with the world_size factor
 the DDP average over ranks is exactly the gradient of the single-process loss.
 
-Every rank validates its own inputs, then the ranks exchange a small header (sizes, shapes,
-options, "my input is bad"), so a bad input on one rank raises on every rank instead of leaving
-the others blocked in a collective.
+Every rank validates its own options and inputs, then the ranks exchange a small header (sizes,
+shapes, options, nan_policy included, "my input or option is bad"), so a bad input or option on
+one rank raises on every rank instead of leaving the others blocked in a collective, and ranks
+that were given different options all raise rather than compute a loss no one asked for.
 """
 from __future__ import annotations
 
@@ -32,17 +33,18 @@ import torch
 import torch.distributed as dist
 
 from ._anchors import anchor_losses, reduce
-from ._validation import check_inputs, label_kind
-from .options import (CONTRAST_MODES, FEATURE_DTYPES, LABEL_KINDS, NORMALIZATIONS, REDUCTIONS,
-                      WEIGHTINGS, LossOptions)
+from ._validation import LearnableTemperatures, check_inputs, label_kind
+from .options import (CONTRAST_MODES, FEATURE_DTYPES, LABEL_KINDS, NAN_POLICIES, NORMALIZATIONS,
+                      REDUCTIONS, WEIGHTINGS, LossOptions)
 
 __all__ = ["is_active", "gathered_loss", "all_gather_rows"]
 
 # What a rank tells the others before the gather: its batch size, its feature shape, kind of labels
-# and options (names as their index in the tuples of `options`), and whether its input was bad.
+# and options (names as their index in the tuples of `options`), and whether its input or options
+# were bad.
 _HEADER = ("images", "views", "dim", "label kind", "label columns", "dtype", "contrast_mode",
-           "reduction", "weighting", "normalization", "temperature", "base_temperature",
-           "threshold", "error")
+           "reduction", "weighting", "normalization", "nan_policy", "temperature",
+           "base_temperature", "threshold", "error")
 _ERROR = len(_HEADER) - 1
 
 
@@ -105,7 +107,8 @@ def _header(features, labels, opts: LossOptions, error) -> list[int]:
             labels.shape[1] if kind == "multi_hot" else 0,
             FEATURE_DTYPES.index(features.dtype), CONTRAST_MODES.index(opts.contrast_mode),
             REDUCTIONS.index(opts.reduction), WEIGHTINGS.index(opts.weighting),
-            NORMALIZATIONS.index(opts.normalization), _float_bits(opts.temperature),
+            NORMALIZATIONS.index(opts.normalization), NAN_POLICIES.index(opts.nan_policy),
+            _float_bits(opts.temperature),
             _float_bits(opts.base_temperature), _float_bits(opts.threshold), 0]
 
 
@@ -128,9 +131,9 @@ def _check_agreement(headers: list[list[int]], rank: int, error) -> None:
     if error is not None:
         raise error
     if bad:
-        raise RuntimeError(f"modan_ext (gather_distributed): the inputs of rank(s) {bad} were "
-                           "rejected (see the error raised there); every rank stops so that no "
-                           "rank waits in a collective")
+        raise RuntimeError(f"modan_ext (gather_distributed): the inputs or options of rank(s) "
+                           f"{bad} were rejected (see the error raised there); every rank stops "
+                           "so that no rank waits in a collective")
     for k, name in enumerate(_HEADER[1:_ERROR], start=1):
         values = [h[k] for h in headers]
         if len(set(values)) > 1:
@@ -138,6 +141,8 @@ def _check_agreement(headers: list[list[int]], rank: int, error) -> None:
                 values = [FEATURE_DTYPES[v] for v in values]
             elif name.endswith("temperature") or name == "threshold":
                 values = [_bits_float(v) for v in values]
+            elif name == "nan_policy":
+                values = [NAN_POLICIES[v] for v in values]
             raise ValueError(f"modan_ext (gather_distributed): the ranks disagree on {name} "
                              f"(by rank: {values}; this is rank {rank}); every rank must pass the "
                              "same feature shape except the batch size, the same kind of labels "
@@ -160,12 +165,16 @@ def _sum_over_ranks(count: torch.Tensor, device, group) -> torch.Tensor:
     return total.squeeze(0)
 
 
-def gathered_loss(features, labels, opts: LossOptions,
+def gathered_loss(features, labels,
+                  options: Callable[[], tuple[LossOptions, LearnableTemperatures | None]],
                   resolve_backend: Callable[[torch.device], str], group=None) -> torch.Tensor:
-    """The loss of this rank's anchors against the batch of all ranks (module docstring)."""
+    """The loss of this rank's anchors against the batch of all ranks (module docstring).
+    `options()` checks the loss options (raising on a bad one) and says which temperatures get a
+    gradient; it runs here, so that its error reaches every rank."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    error, backend = None, "reference"
+    error, backend, opts, learnable = None, "reference", None, None
     try:
+        opts, learnable = options()
         features, labels = check_inputs(features, labels, opts)
         if dist.get_backend(group) == "nccl" and features.device.type != "cuda":
             raise ValueError("gather_distributed with the NCCL backend needs CUDA features; got "
@@ -182,7 +191,7 @@ def gathered_loss(features, labels, opts: LossOptions,
     everyone = all_gather_rows(features, sizes, group)
     everyone_labels = _gather_labels(labels, sizes, group)
     losses, counted = anchor_losses(everyone, everyone_labels, opts, backend, begin,
-                                    sizes[rank])
+                                    sizes[rank], learnable)
     counted_total = None
     if opts.reduction == "mean":  # the same on every rank: all or none of them all-reduce
         counted_total = _sum_over_ranks(counted.sum(), device, group)

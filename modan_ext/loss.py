@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import distributed, ops, triton_backend
 from ._anchors import anchor_losses, reduce
-from ._validation import check_backend, check_flag, check_inputs, check_options
+from ._validation import (LearnableTemperatures, check_backend, check_flag, check_inputs,
+                          check_options, learnable_temperatures)
 from .options import DEFAULTS, LossOptions
+
+# Checks the loss options and says which temperatures get a gradient. Called where a bad option
+# raises on every rank under gather_distributed (distributed.gathered_loss), not before.
+OptionsCheck = Callable[[], "tuple[LossOptions, LearnableTemperatures | None]"]
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -58,20 +64,18 @@ def _autocast_off(features):
     return contextlib.nullcontext()
 
 
-def _loss(features, labels, opts: LossOptions, backend: str,
+def _loss(features, labels, options: OptionsCheck, backend: str,
           gather_distributed: bool = False) -> torch.Tensor:
     with _autocast_off(features):
         if gather_distributed and distributed.is_active():
-            return distributed.gathered_loss(features, labels, opts,
+            return distributed.gathered_loss(features, labels, options,
                                              lambda device: resolve_backend(backend, device))
-        return _one_process_loss(features, labels, opts, backend)
-
-
-def _one_process_loss(features, labels, opts: LossOptions, backend: str) -> torch.Tensor:
-    features, labels = check_inputs(features, labels, opts)
-    losses, counted = anchor_losses(features, labels, opts,
-                                    resolve_backend(backend, features.device))
-    return reduce(losses, counted.sum(), opts.reduction)
+        opts, learnable = options()
+        features, labels = check_inputs(features, labels, opts)
+        losses, counted = anchor_losses(features, labels, opts,
+                                        resolve_backend(backend, features.device),
+                                        learnable=learnable)
+        return reduce(losses, counted.sum(), opts.reduction)
 
 
 def jaccard_supcon_loss(features, labels=None, *, temperature=DEFAULTS.temperature,
@@ -89,7 +93,10 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=DEFAULTS.temperatu
         labels: multi-hot ``[B, L]`` (bool, integer or float 0/1; ``[M, L]`` with 2-D features),
             integer class ids ``[B]`` (then the loss is SupCon), or None with 3-D features
             (SimCLR: only the other views of an image are its positives).
-        temperature, base_temperature: T and T_base; the loss is scaled by T / T_base.
+        temperature, base_temperature: T and T_base; the loss is scaled by T / T_base. Either
+            may be a 0-d tensor; one that requires grad gets its gradient (a learnable
+            temperature), on every backend. The fused op takes T as a float: inside
+            torch.compile a tensor is read outside the graph (fullgraph=True refuses it).
         threshold: another image is a positive when its label similarity is >= threshold and > 0.
             The other views of the same image are always positives with weight 1.
         normalization: "count" divides an anchor's weighted sum by its number of positives
@@ -117,16 +124,24 @@ def jaccard_supcon_loss(features, labels=None, *, temperature=DEFAULTS.temperatu
         float32 for float32/float16/bfloat16 features (also under torch.autocast), float64 for
         float64.
     """
-    opts = check_options(temperature=temperature, base_temperature=base_temperature,
-                         threshold=threshold, normalization=normalization,
-                         contrast_mode=contrast_mode, reduction=reduction, weighting=weighting,
-                         nan_policy=nan_policy)
-    return _loss(features, labels, opts, backend,
+    def options():
+        opts = check_options(temperature=temperature, base_temperature=base_temperature,
+                             threshold=threshold, normalization=normalization,
+                             contrast_mode=contrast_mode, reduction=reduction,
+                             weighting=weighting, nan_policy=nan_policy)
+        return opts, learnable_temperatures(temperature, base_temperature)
+    return _loss(features, labels, options, backend,
                  check_flag("gather_distributed", gather_distributed))
 
 
 class JaccardSupConLoss(nn.Module):
-    """Module form of :func:`jaccard_supcon_loss`; ``forward(features, labels=None)``."""
+    """Module form of :func:`jaccard_supcon_loss`; ``forward(features, labels=None)``.
+
+    A temperature or base temperature given as a 0-d tensor is kept by reference and read at
+    every call (an ``nn.Parameter`` is registered as this module's parameter), so a learnable
+    temperature is used at its current value and gets its gradient."""
+
+    _TENSOR_OPTIONS = ("temperature", "base_temperature")
 
     def __init__(self, temperature=DEFAULTS.temperature,
                  base_temperature=DEFAULTS.base_temperature, threshold=DEFAULTS.threshold,
@@ -140,14 +155,30 @@ class JaccardSupConLoss(nn.Module):
             weighting=weighting, nan_policy=nan_policy)
         self.backend = check_backend(backend)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        given = dict(temperature=temperature, base_temperature=base_temperature)
+        self._tensor_options = tuple(name for name in self._TENSOR_OPTIONS
+                                     if isinstance(given[name], torch.Tensor))
+        for name in self._tensor_options:
+            setattr(self, name, given[name])
 
     def backend_for(self, device) -> str:
         """Which backend runs for inputs on `device`: "triton", "kernel" or "reference"."""
         return resolve_backend(self.backend, device)
 
+    def _options(self):
+        if not self._tensor_options:
+            return self.options, None
+        current = {name: getattr(self, name) for name in self._tensor_options}
+        opts = check_options(**{**self.options.__dict__, **current})
+        return opts, learnable_temperatures(getattr(self, "temperature", None),
+                                            getattr(self, "base_temperature", None))
+
     def forward(self, features, labels=None):
-        return _loss(features, labels, self.options, self.backend, self.gather_distributed)
+        return _loss(features, labels, self._options, self.backend, self.gather_distributed)
 
     def extra_repr(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.options.__dict__.items())
-        return f"{fields}, backend={self.backend!r}, gather_distributed={self.gather_distributed}"
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.options.__dict__.items()
+                           if k not in self._tensor_options)
+        tensors = "".join(f", {name}=<tensor>" for name in self._tensor_options)
+        return (f"{fields}{tensors}, backend={self.backend!r}, "
+                f"gather_distributed={self.gather_distributed}")

@@ -77,7 +77,15 @@ def pack_labels(multi_hot: torch.Tensor) -> torch.Tensor:
 
 # ---- fake kernels: shapes and dtypes only -------------------------------------------------------
 
-def _stats_dtype(features: torch.Tensor) -> torch.dtype:
+# The columns of the op's per-row statistics, float64 whatever the features' dtype (ARCHITECTURE.md,
+# "The op contract"; csrc/supcon_problem.h, StatsColumn).
+STATS_COLUMNS = ("lse", "count", "omega", "norm", "entropy")
+STATS = {name: k for k, name in enumerate(STATS_COLUMNS)}
+STATS_DTYPE = torch.float64
+
+
+def loss_dtype(features: torch.Tensor) -> torch.dtype:
+    """dtype of the op's per-row loss (and of its upstream gradient)."""
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
@@ -85,8 +93,8 @@ def _supcon_fwd_fake(features, labels, label_kind, views, anchor_begin, anchor_e
                      first_view_only, temperature, base_temperature, threshold, weighting,
                      normalization, allow_tf32):
     anchors = anchor_end - anchor_begin
-    dtype = _stats_dtype(features)
-    return features.new_empty(anchors, dtype=dtype), features.new_empty(anchors, 4, dtype=dtype)
+    return (features.new_empty(anchors, dtype=loss_dtype(features)),
+            features.new_empty(anchors, len(STATS_COLUMNS), dtype=STATS_DTYPE))
 
 
 def _supcon_bwd_fake(grad_loss, features, labels, stats, *args):
@@ -147,7 +155,8 @@ def supcon_rows(features: torch.Tensor, labels: torch.Tensor | None, opts: LossO
                 anchor_begin: int = 0, anchor_end: int | None = None, backend: str = "kernel"):
     """Per-row loss and statistics from the fused op of `backend` ("kernel": supcon_fwd,
     "triton": triton_supcon_fwd), for validated `features` [B, V, D] or [M, D] (rows image-major)
-    and labels of the B images. Returns (loss [Ma], stats [Ma, 4] or, Triton, [Ma, 5])."""
+    and labels of the B images. Returns (loss [Ma], stats [Ma, 5]), stats' columns named by
+    `STATS_COLUMNS` (op contract v2, both backends)."""
     views = features.shape[1] if features.dim() == 3 else 1
     z = features.reshape(-1, features.shape[-1])
     if backend == "kernel" and z.device.type == "cpu" and z.dtype in (torch.float16,

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_inputs, check_options
+from ._validation import (LearnableTemperatures, check_inputs, check_options,
+                          learnable_temperatures)
 from .options import DEFAULTS, LossOptions
 
 
 def label_similarity(labels: torch.Tensor | None, images: int, weighting: str,
-                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[B, B] similarity of the images' label sets (0 where a denominator is 0)."""
+                     device: torch.device) -> torch.Tensor:
+    """[B, B] similarity of the images' label sets (0 where a denominator is 0), in float64
+    whatever the features' dtype: `sim >= threshold` is decided on it, as the kernels decide it
+    (a Jaccard of exactly 0.3 is below a threshold of 0.30000001, which float32 would round to
+    the same number as 0.3)."""
+    dtype = torch.float64
     if labels is None:  # SimCLR: an image is similar only to itself
         return torch.eye(images, dtype=dtype, device=device)
     if labels.dim() == 1:  # class ids: SupCon
@@ -48,10 +53,17 @@ def positive_weights(sim: torch.Tensor, threshold: float, weighting: str) -> tor
 
 
 def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: LossOptions,
-                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  compute_dtype: torch.dtype, learnable: LearnableTemperatures | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-anchor losses, "has a positive" flags) of validated inputs, both shaped like
     reduction "none": [B, V] ("all"), [B] ("one"), [M] (2-D features). Losses in
-    `compute_dtype`, 0 for an anchor without positives."""
+    `compute_dtype`, 0 for an anchor without positives. The temperatures in `learnable` enter
+    the arithmetic as the tensors they are, so autograd gives them their gradient."""
+    temperature, base_temperature = opts.temperature, opts.base_temperature
+    if learnable is not None and learnable.temperature is not None:
+        temperature = learnable.temperature.to(compute_dtype)
+    if learnable is not None and learnable.base_temperature is not None:
+        base_temperature = learnable.base_temperature.to(compute_dtype)
     z = features.to(compute_dtype)
     if z.dim() == 2:
         z = z[:, None, :]
@@ -60,14 +72,13 @@ def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: Los
     rows = contrast.shape[0]
     image_of_row = torch.arange(images, device=z.device).repeat(views)
 
-    image_weight = positive_weights(label_similarity(labels, images, opts.weighting, compute_dtype,
-                                                     z.device),
-                                    opts.threshold, opts.weighting)
+    image_weight = positive_weights(label_similarity(labels, images, opts.weighting, z.device),
+                                    opts.threshold, opts.weighting).to(compute_dtype)
     not_self = ~torch.eye(rows, dtype=torch.bool, device=z.device)
     weight = image_weight[image_of_row][:, image_of_row] * not_self
     positive = (weight > 0) & not_self
 
-    logits = contrast @ contrast.T / opts.temperature
+    logits = contrast @ contrast.T / temperature
     lse = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1)
     if rows == 1:  # no other row: nothing to contrast with (and no positive)
         lse = torch.zeros_like(lse)
@@ -77,7 +88,7 @@ def anchor_losses(features: torch.Tensor, labels: torch.Tensor | None, opts: Los
     norm = count if opts.normalization == "count" else omega
     weighted = torch.where(positive, weight * log_prob, torch.zeros_like(log_prob)).sum(1)
     norm = torch.where(count > 0, norm, torch.ones_like(norm))  # no 0/0, not even in backward
-    row_loss = -(opts.temperature / opts.base_temperature) * weighted / norm
+    row_loss = -(temperature / base_temperature) * weighted / norm
     row_loss = torch.where(count > 0, row_loss, torch.zeros_like(row_loss))
     if opts.nan_policy == "propagate":
         row_loss = row_loss + 0 * contrast.sum()  # any non-finite feature makes every entry NaN
@@ -99,7 +110,8 @@ def jaccard_supcon_loss_reference(features, labels=None, *, temperature=DEFAULTS
     """Reference implementation of `modan_ext.jaccard_supcon_loss` (same arguments).
 
     Computes in `compute_dtype` (float64 by default) and returns the features' dtype
-    (float32 for half inputs).
+    (float32 for half inputs). A temperature given as a tensor that requires grad gets its
+    gradient through autograd.
     """
     opts = check_options(temperature=temperature, base_temperature=base_temperature,
                          threshold=threshold, normalization=normalization,
@@ -107,7 +119,8 @@ def jaccard_supcon_loss_reference(features, labels=None, *, temperature=DEFAULTS
                          nan_policy=nan_policy)
     features, labels = check_inputs(features, labels, opts)
     out_dtype = torch.promote_types(features.dtype, torch.float32)
-    losses, counted = anchor_losses(features, labels, opts, compute_dtype)
+    losses, counted = anchor_losses(features, labels, opts, compute_dtype,
+                                    learnable_temperatures(temperature, base_temperature))
     if opts.reduction == "none":
         return losses.to(out_dtype)
     total = losses.sum()

@@ -202,3 +202,36 @@ def test_new_batch_sizes_do_not_recompile(mark_dynamic, backend):
     # automatic dynamic shapes: the first size is compiled static, the second dynamic, then reuse
     assert counter.frame_count == (1 if mark_dynamic else 2), \
         f"{counter.frame_count} compilations for 5 batch sizes"
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_functional_and_module_forms_compile_fullgraph_with_dynamic_shapes(backend):
+    """torch.compile(jaccard_supcon_loss, dynamic=True, fullgraph=True) and the same for the
+    module: dynamic=True makes the float options symbolic too, so the option checks must accept
+    symbolic values (comparisons, not math.isfinite). Loss and gradient are the eager ones for
+    several batch sizes, and a bad option still names itself."""
+    options = dict(temperature=0.1, base_temperature=0.07, threshold=0.25, weighting="dice",
+                   backend=backend)
+    compiled = {
+        "functional": torch.compile(modan_ext.jaccard_supcon_loss, dynamic=True, fullgraph=True,
+                                    backend="aot_eager"),
+        "module": torch.compile(modan_ext.JaccardSupConLoss(**options), dynamic=True,
+                                fullgraph=True, backend="aot_eager"),
+    }
+    for images in (6, 9, 13):
+        case = build(Spec(images=images, views=2, dim=DIM, pattern="random",
+                          num_labels=NUM_LABELS, seed=images))
+        features, labels = case.on("cpu", torch.float32)
+        x = features.clone().requires_grad_(True)
+        eager = modan_ext.jaccard_supcon_loss(x, labels, **options)
+        (eager_grad,) = torch.autograd.grad(eager, x)
+        for form, fn in compiled.items():
+            x = features.clone().requires_grad_(True)
+            loss = fn(x, labels, **options) if form == "functional" else fn(x, labels)
+            (grad,) = torch.autograd.grad(loss, x)
+            close(loss, eager, 1e-6, f"{form}, {images} images: loss")
+            close(grad, eager_grad, 1e-5, f"{form}, {images} images: gradient")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    features, labels = model_inputs()
+    with pytest.raises(Exception, match="temperature must be a finite number > 0"):
+        compiled["functional"](features, labels, **dict(options, temperature=0.0))

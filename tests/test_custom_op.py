@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import torch.nn.functional as F
 
 import modan_ext
@@ -98,7 +100,8 @@ def test_opcheck_bwd(device, spec, options):
 @pytest.mark.parametrize("spec,options", OP_CASES)
 def test_rows_are_image_major_and_stats_are_the_contract(device, spec, options):
     """loss[r] is the naive per-anchor loss of row r = image * V + view; stats[r] is
-    (lse, |P|, Σw, norm) computed here from the formula; non-anchors are all zero."""
+    (lse, |P|, Σw, norm, entropy) computed here from the formula, float64 whatever the features'
+    dtype; non-anchors are all zero."""
     case = build(spec, **options)
     args = op_args(case, device, torch.float64)
     loss, stats = fwd(*args)
@@ -106,8 +109,12 @@ def test_rows_are_image_major_and_stats_are_the_contract(device, spec, options):
     M = z.shape[0]
     views = args[3]
     B = M // views
-    assert loss.shape == (M,) and stats.shape == (M, 4)
+    assert ops.STATS_COLUMNS == ("lse", "count", "omega", "norm", "entropy")
+    assert loss.shape == (M,) and stats.shape == (M, 5)
     assert loss.dtype == stats.dtype == torch.float64
+    loss32, stats32 = fwd(*op_args(case, device, torch.float32))
+    assert loss32.dtype == torch.float32 and stats32.dtype == torch.float64
+    assert_close(stats32.cpu(), stats.cpu(), 1e-5, "stats from float32 features")
     o = case.options
     naive = naive_loss(case.features, case.labels, **dict(o, reduction="none",
                                                           contrast_mode="all"))
@@ -132,12 +139,15 @@ def test_rows_are_image_major_and_stats_are_the_contract(device, spec, options):
         count, omega = len(weights), math.fsum(weights)
         others = torch.cat([z[:r], z[r + 1:]]) @ z[r] / o["temperature"]
         lse = float(torch.logsumexp(others, 0)) if M > 1 else 0.0
+        entropy = float(lse - (torch.softmax(others, 0) * others).sum()) if M > 1 else 0.0
         norm = count if o["normalization"] == "count" else omega
-        expected = torch.tensor([lse, count, omega, norm], dtype=torch.float64)
+        expected = torch.tensor([lse, count, omega, norm, entropy], dtype=torch.float64)
         if count == 0:
-            expected = torch.tensor([lse, 0.0, 0.0, 0.0], dtype=torch.float64)
-        assert_close(stats[r, 1:].cpu(), expected[1:], 1e-12, f"stats (count, Σw, norm) row {r}")
+            expected = torch.tensor([lse, 0.0, 0.0, 0.0, entropy], dtype=torch.float64)
+        assert_close(stats[r, 1:4].cpu(), expected[1:4], 1e-12,
+                     f"stats (count, Σw, norm) row {r}")
         assert_close(stats[r, :1].cpu(), expected[:1], 1e-12, f"stats lse row {r}")
+        assert_close(stats[r, 4:].cpu(), expected[4:], 1e-10, f"stats entropy row {r}")
         expected_loss = naive.reshape(-1)[r]
         assert_close(loss[r:r + 1].cpu(), expected_loss.reshape(1), 1e-10, f"loss row {r}")
 
@@ -177,7 +187,7 @@ def test_codes_match_the_compiled_enums(device):
         count, omega = expected[weighting]
         norm = count if normalization == "count" else omega
         got = stats(packed, LABEL_KIND_CODES["multi_hot"], w_code, n_code)
-        assert_close(got[:, 1:], torch.stack([count, omega, norm], 1), 1e-12,
+        assert_close(got[:, 1:4], torch.stack([count, omega, norm], 1), 1e-12,
                      f"stats (count, omega, norm) of {weighting}/{normalization}")
 
     # The same int64 column read as class ids (equal ids) and as one word of label bits.
@@ -189,6 +199,37 @@ def test_codes_match_the_compiled_enums(device):
     for kind, expected_count in (("class_ids", as_ids), ("multi_hot", as_bits)):
         got = stats(ids[:, None], LABEL_KIND_CODES[kind], jaccard, count)
         assert torch.equal(got[:, 1], expected_count), f"label kind {kind}: counts {got[:, 1]}"
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0, 1.0 + 2 ** -52, 1.5, 7.0])
+def test_class_ids_follow_the_multi_hot_rule(device, threshold):
+    """Class ids are sim = 1 for equal ids and 0 otherwise, then the one multi-hot rule
+    (positive iff sim >= threshold and sim > 0, supcon_pair.h): the op gives class ids exactly
+    what it gives one-hot multi-hot labels of the same classes, for every weighting and for
+    thresholds above 1 too, where only an image's other views are positives. Reachable through
+    torch.ops only: the Python layer rejects a threshold outside [0, 1]."""
+    ids = torch.tensor([4, 4, 7, 4, 9])  # images 0, 1 and 3 share a class
+    one_hot = ops.pack_labels(F.one_hot(ids % 8, 8).bool())  # classes 4, 7 and 9 -> 4, 7, 1
+    z = F.normalize(torch.randn(10, 6, generator=torch.Generator().manual_seed(5),
+                                dtype=torch.float64), dim=-1).to(device)
+    views = 2
+    for weighting in WEIGHTING_CODES.values():
+        def run(labels, kind):
+            args = (z, labels.to(device), kind, views, 0, 10, False, 0.1, 0.07, threshold,
+                    weighting, NORMALIZATION_CODES["count"], False)
+            loss, stats = fwd(*args)
+            grad = bwd(*bwd_args(args, torch.ones_like(loss), stats))
+            return loss.cpu(), stats.cpu(), grad.cpu()
+        as_ids = run(ids[:, None], LABEL_KIND_CODES["class_ids"])
+        as_bits = run(one_hot, LABEL_KIND_CODES["multi_hot"])
+        same_class = 1.0 >= threshold
+        expected_count = torch.tensor([5, 5, 1, 5, 1] if same_class else [1] * 5,
+                                      dtype=torch.float64).repeat_interleave(views)
+        assert torch.equal(as_ids[1][:, ops.STATS["count"]], expected_count), \
+            f"weighting {weighting}, threshold {threshold}: counts {as_ids[1][:, 1]}"
+        for got, expected, what in zip(as_ids, as_bits, ("loss", "stats", "gradient")):
+            assert_close(got, expected, 1e-12, f"class ids vs one-hot {what}, weighting "
+                                               f"{weighting}, threshold {threshold}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -210,7 +251,7 @@ def test_anchor_ranges_partition_the_problem(device, dtype, first_view_only):
     for begin, end in zip(cuts[:-1], cuts[1:]):
         args = op_args(case, device, dtype, anchor_begin=begin, anchor_end=end)
         part_loss, part_stats = fwd(*args)
-        assert part_loss.shape == (end - begin,) and part_stats.shape == (end - begin, 4)
+        assert part_loss.shape == (end - begin,) and part_stats.shape == (end - begin, 5)
         assert_close(part_loss, loss[begin:end], rtol, f"loss rows [{begin}, {end})")
         assert_close(part_stats, stats[begin:end], rtol, f"stats rows [{begin}, {end})")
         parts_grad += bwd(*bwd_args(args, grad_loss[begin:end].contiguous(), part_stats))
@@ -218,7 +259,7 @@ def test_anchor_ranges_partition_the_problem(device, dtype, first_view_only):
     # an empty range is valid and contributes nothing
     args = op_args(case, device, dtype, anchor_begin=5, anchor_end=5)
     empty_loss, empty_stats = fwd(*args)
-    assert empty_loss.shape == (0,) and empty_stats.shape == (0, 4)
+    assert empty_loss.shape == (0,) and empty_stats.shape == (0, 5)
     assert torch.all(bwd(*bwd_args(args, empty_loss, empty_stats)) == 0)
 
 
@@ -302,8 +343,8 @@ def test_raw_bwd_rejects_inconsistent_arguments():
     args = op_args(case, "cpu", torch.float32)
     loss, stats = fwd(*args)
     for grad_loss, st in ((loss[:-1].contiguous(), stats), (loss.double(), stats),
-                          (loss, stats[:, :3].contiguous()), (loss, stats[:-1].contiguous()),
-                          (loss, stats.double())):
+                          (loss, stats[:, :4].contiguous()), (loss, stats[:-1].contiguous()),
+                          (loss, stats.float()), (loss, stats.T.contiguous().T)):
         with pytest.raises(RuntimeError, match="modan_ext"):
             bwd(*bwd_args(args, grad_loss, st))
 
@@ -372,9 +413,14 @@ def test_reference_supports_double_backward():
 
 # ---- torch.compile -----------------------------------------------------------------------------
 
+@torch._inductor.config.patch(fx_graph_cache=False)
+@torch._functorch.config.patch(enable_autograd_cache=False)
 def test_compile_fullgraph_matches_eager(device):
     """torch.compile(fullgraph=True) traces through the custom op (fake kernel + autograd), with
-    a projection head in front, and gives the eager loss and gradients."""
+    a projection head in front, and gives the eager loss and gradients. Inductor's graph caches
+    are off here: their key is the graph's code, which names the op but not what its fake kernel
+    returns, so a graph cached before a change of the op contract (e.g. the stats' shape) would
+    be replayed with the old output metadata."""
     import torch._dynamo
     torch._dynamo.reset()
     case = build(Spec(images=16, views=2, dim=12, pattern="paper", seed=3),
@@ -472,6 +518,51 @@ def test_fused_memory_is_not_quadratic(threads):
     assert over < 32 * 2 ** 20, f"peak RSS {over / 2 ** 20:.1f} MiB over inputs + gradient"
 
 
+_RETAINED_SCRIPT = r"""
+import ctypes, gc, json, sys, torch, modan_ext
+torch.set_num_threads(int(sys.argv[1]))
+trim = ctypes.CDLL("libc.so.6").malloc_trim
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+def call(images, dim):
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(images, 2, dim, generator=g), dim=-1)
+    y = torch.rand(images, 12, generator=g) < 0.2
+    modan_ext.jaccard_supcon_loss(f.requires_grad_(True), y, backend="kernel").backward()
+call(32, 8)
+gc.collect(); trim(0)
+rss0 = rss()
+for _ in range(2):
+    call(4, 2 ** 18)
+gc.collect(); trim(0)
+print(json.dumps(dict(retained=rss() - rss0)))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scratch_is_returned_after_the_call(threads):
+    """The CPU kernel's scratch scales with the problem and is freed when the call returns:
+    M = 8 rows of D = 2^18 (8 MiB of features) leave nothing resident beyond what the allocator
+    keeps (trimmed here), where a 256 x D buffer per thread used to stay: 259 MiB
+    (benchmarks/bench_scratch.py)."""
+    import json
+    import subprocess
+    import sys
+    require_kernel("cpu")
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's malloc_trim to tell freed memory from kept memory")
+    proc = subprocess.run([sys.executable, "-c", _RETAINED_SCRIPT, str(threads)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    retained = json.loads(proc.stdout.strip().splitlines()[-1])["retained"]
+    assert retained < 16 * 2 ** 20, f"{retained / 2 ** 20:.1f} MiB stayed resident after the call"
+
+
 @pytest.mark.parametrize("contrast_mode", CONTRAST_MODES)
 def test_non_contiguous_upstream_gradient(device, contrast_mode):
     """reduction="none" with an upstream gradient that is expanded or transposed (as autograd
@@ -552,7 +643,8 @@ def _chunk_oracle(z, labels, views, anchors, grad_loss, T, Tb, threshold, weight
     G = torch.where(count[:, None] > 0, G, 0 * G)
     grad = G.T @ z[anchors]  # d/dz_b of s_ab
     grad[anchors] += G @ z  # d/dz_a of s_ab
-    stats = torch.stack([lse, count, omega, torch.where(count > 0, norm, 0 * norm)], 1)
+    entropy = lse - (torch.softmax(logits, 1) * logits.nan_to_num(neginf=0.0)).sum(1)
+    stats = torch.stack([lse, count, omega, torch.where(count > 0, norm, 0 * norm), entropy], 1)
     return loss, stats, grad
 
 

@@ -63,6 +63,7 @@ class DCase:
     dtype: str = "float64"  # dtype of the features handed to the loss
     seed: int = 0
     error: str = ""  # an error case: which rank-inconsistency to inject
+    learnable: bool = False  # T and T_base as float64 tensors that require grad
 
     @property
     def name(self) -> str:
@@ -71,12 +72,19 @@ class DCase:
         shape = f"3d_v{self.views}" if self.views else "2d"
         return (f"w{self.world}-{shape}-{self.labels}-{self.contrast_mode}-{self.reduction}-"
                 f"{self.backend}-{self.weighting}-{self.normalization}-{self.dtype}-"
-                f"{'x'.join(map(str, self.sizes))}")
+                f"{'x'.join(map(str, self.sizes))}{'-learnable' if self.learnable else ''}")
 
     def options(self) -> dict:
         return dict(temperature=0.1, base_temperature=0.07, threshold=0.3,
                     contrast_mode=self.contrast_mode, reduction=self.reduction,
                     weighting=self.weighting, normalization=self.normalization)
+
+    def temperatures(self) -> dict:
+        """Fresh leaf tensors for T and T_base when `learnable` (else nothing)."""
+        if not self.learnable:
+            return {}
+        return {name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
+                for name, value in self.options().items() if name.endswith("temperature")}
 
 
 def _cases(world: int) -> list[DCase]:
@@ -100,6 +108,9 @@ def _cases(world: int) -> list[DCase]:
     out += [DCase(world, uneven, dtype=d, backend=b, reduction=r, seed=8)
             for d in ("float32", "bfloat16") for b in ("kernel", "reference")
             for r in ("mean", "none")]
+    out += [DCase(world, uneven, backend=b, reduction=r, normalization=n, seed=9,
+                  learnable=True)
+            for b in ("kernel", "reference") for r, n in (("mean", "weight"), ("none", "count"))]
     return out
 
 
@@ -138,14 +149,18 @@ def _run_case(case: DCase, rank: int, world: int, seen: list):
     own = slice(begin, begin + case.sizes[rank])
     x = x[own].clone().requires_grad_(True)
     proj = proj.clone().requires_grad_(True)
+    temperatures = case.temperatures()
     seen.clear()
     loss = modan_ext.jaccard_supcon_loss(
         features_of(x, proj, case.dtype), None if labels is None else labels[own],
-        backend=case.backend, gather_distributed=True, **case.options())
+        backend=case.backend, gather_distributed=True,
+        **{**case.options(), **temperatures})
     loss.backward(upstream[own] if case.reduction == "none" else torch.ones(()))
-    grad_p = proj.grad.clone()
-    dist.all_reduce(grad_p)  # what DDP does to a parameter's gradient: the mean over ranks
-    return dict(loss=loss.detach(), grad_x=x.grad, grad_p=grad_p / world, ranges=list(seen))
+    # What DDP does to a parameter's gradient: the mean over ranks. P, and T, T_base if learnable.
+    params = torch.cat([proj.grad.reshape(-1)] + [t.grad.reshape(1) for t in
+                                                   temperatures.values()])
+    dist.all_reduce(params)
+    return dict(loss=loss.detach(), grad_x=x.grad, grad_p=params / world, ranges=list(seen))
 
 
 def _run_error_case(case: DCase, rank: int, world: int):
@@ -251,10 +266,13 @@ def oracle(case: DCase):
     x, proj, labels, upstream = make_global(case)
     x.requires_grad_(True)
     proj.requires_grad_(True)
+    temperatures = case.temperatures()
     f = features_of(x, proj, case.dtype)  # the oracle: the same (rounded) values, float64 math
-    loss = reference_fn(f, labels, **case.options())
+    loss = reference_fn(f, labels, **{**case.options(), **temperatures})
     loss.backward(upstream if case.reduction == "none" else torch.ones((), dtype=torch.float64))
-    return loss.detach(), x.grad, proj.grad
+    params = torch.cat([proj.grad.reshape(-1)] + [t.grad.reshape(1) for t in
+                                                   temperatures.values()])
+    return loss.detach(), x.grad, params
 
 
 def close(actual, expected, rtol, what):
@@ -284,7 +302,8 @@ def _check(case: DCase, tmp_root: Path):
               "x gradient / world_size")
         p_expected = grad_p
     for r, res in enumerate(ranks):
-        close(res["grad_p"], p_expected, rtol_grad, f"rank {r}: DDP-averaged P gradient")
+        close(res["grad_p"], p_expected, rtol_grad,
+              f"rank {r}: DDP-averaged gradient of P (and of T, T_base when learnable)")
     if case.backend == "kernel":  # own rows as anchors, all rows as contrasts: (local M) x (M)
         views = max(case.views, 1)
         total = sum(case.sizes) * views
@@ -322,6 +341,98 @@ def test_inconsistent_or_bad_input_raises_on_every_rank(case, tmp_root):
             assert res["error"] == "ValueError" and f"disagree on {what}" in res["message"]
 
 
+# ---- a bad or different option on one rank: every rank raises, at once ----------------------------
+
+# Options given to the functional form on the last rank only (the others pass good ones). Before
+# the options went through the header exchange, the last rank raised alone and the others waited
+# in all_gather until the process group's timeout: a short one here, so that such a regression
+# fails in seconds instead of hanging the suite.
+AGREEMENT_CASES = {
+    "temperature_zero": (dict(temperature=0.0), "ValueError",
+                         "temperature must be a finite number > 0"),
+    "threshold_nan": (dict(threshold=float("nan")), "ValueError", "threshold must be in [0, 1]"),
+    "weighting_unknown": (dict(weighting="jacard"), "ValueError", "weighting must be one of"),
+    "backend_unknown": (dict(backend="cuda"), "ValueError", "backend must be one of"),
+    # rank 0: "raise" and clean features; the last rank: "propagate" and a NaN
+    "nan_policy": (dict(nan_policy="propagate"), "ValueError", "disagree on nan_policy"),
+}
+AGREEMENT_WORLD, AGREEMENT_TIMEOUT_S = 2, 10
+
+
+def _agreement_call(rank: int, world: int, name: str) -> dict:
+    """One call of the functional form with gather_distributed=True (the last rank gets case
+    `name`'s option), then a barrier: a rank that raised alone goes on to another collective,
+    as a training loop would, instead of exiting (which would fail the others' gather at once)."""
+    features, labels = build(Spec(images=3, views=2, dim=5, pattern="random",
+                                  num_labels=NUM_LABELS, seed=rank)).on()
+    options = dict(temperature=0.1, threshold=0.3, weighting="jaccard", nan_policy="raise",
+                   backend="auto")
+    if rank == world - 1:
+        options.update(AGREEMENT_CASES[name][0])
+        if name == "nan_policy":
+            features[0, 0, 0] = float("nan")
+    start = time.monotonic()
+    try:
+        modan_ext.jaccard_supcon_loss(features, labels, gather_distributed=True, **options)
+        result = dict(error=None, message="")
+    except Exception as exc:  # noqa: BLE001 -- the test inspects it
+        result = dict(error=type(exc).__name__, message=str(exc))
+    result["seconds"] = time.monotonic() - start
+    try:
+        dist.barrier()
+    except RuntimeError as exc:
+        result["barrier"] = str(exc)
+    return result
+
+
+def _agreement_worker(rank: int, world: int, port: int, out_dir: str):
+    """Every case in a process group of its own (one store, a prefix per case), so that ranks
+    left out of step by one case meet again at the next one's rendezvous."""
+    torch.set_num_threads(1)
+    timeout = timedelta(seconds=AGREEMENT_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=4 * timeout)
+    results = {}
+    for name in AGREEMENT_CASES:
+        dist.init_process_group("gloo", store=dist.PrefixStore(name, store), rank=rank,
+                                world_size=world, timeout=timeout)
+        results[name] = _agreement_call(rank, world, name)
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def agreement_results(tmp_root) -> list[dict]:
+    """Every rank's outcome of each AGREEMENT_CASES call (one start of AGREEMENT_WORLD ranks)."""
+    out = tmp_root / "agreement"
+    out.mkdir()
+    ctx = mp.start_processes(_agreement_worker, args=(AGREEMENT_WORLD, free_port(), str(out)),
+                             nprocs=AGREEMENT_WORLD, join=False, start_method=_start_method())
+    limit = 60 + 3 * AGREEMENT_TIMEOUT_S * len(AGREEMENT_CASES)
+    deadline = time.monotonic() + limit
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {AGREEMENT_WORLD} ranks did not finish within {limit} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(AGREEMENT_WORLD)]
+
+
+@pytest.mark.parametrize("name", list(AGREEMENT_CASES))
+def test_a_bad_or_different_option_on_one_rank_raises_on_every_rank(name, agreement_results):
+    _, error, message = AGREEMENT_CASES[name]
+    last = AGREEMENT_WORLD - 1
+    for r, results in enumerate(agreement_results):
+        outcome = results[name]
+        assert outcome["error"] is not None, f"rank {r} did not raise ({outcome})"
+        assert outcome["seconds"] < AGREEMENT_TIMEOUT_S / 2, \
+            f"rank {r} waited {outcome['seconds']:.1f} s: a collective timed out ({outcome})"
+        if r == last or name == "nan_policy":  # the bad rank says why; disagreement: everyone
+            assert outcome["error"] == error and message in outcome["message"], outcome
+        else:
+            assert outcome["error"] == "RuntimeError", outcome
+            assert f"rank(s) [{last}]" in outcome["message"], outcome
+
+
 # ---- one process: gather_distributed=True is gather_distributed=False ----------------------------
 
 @pytest.fixture
@@ -354,7 +465,8 @@ def test_gather_flag_without_other_ranks_is_a_no_op(initialised, request):
 def test_gathered_path_on_one_rank_matches_one_process(backend, one_rank_group):
     """The gather/anchor-range/scaling code itself, run with world_size 1 (in this process)."""
     def gathered(features, labels, **options):
-        return distributed.gathered_loss(features, labels, check_options(**options),
+        return distributed.gathered_loss(features, labels,
+                                         lambda: (check_options(**options), None),
                                          lambda device: backend)
     f, labels = _small_problem()
     for reduction in REDUCTIONS:

@@ -148,6 +148,45 @@ def test_threshold_ties(device, weighting, dtype):
         compare(case, device, dtype)
 
 
+def _jaccard_three_tenths_batch():
+    """Images 0 and 1 have a Jaccard of exactly 3/10 (|y_0| = 3 inside |y_1| = 10), image 2
+    shares nothing: whether (0, 1) is a positive is decided by `sim >= threshold` alone."""
+    labels = torch.zeros(3, 12, dtype=torch.bool)
+    labels[0, :3] = True
+    labels[1, :10] = True
+    labels[2, 11] = True
+    return labels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("threshold,positive", [
+    (0.3, True), (0.30000001, False), (0.3 + 2 ** -54, False), (0.29999999, True)])
+def test_threshold_is_decided_in_float64_for_every_feature_dtype(device, backend, dtype,
+                                                                 threshold, positive):
+    """A similarity of exactly 3/10 against thresholds a hair above and below it: the decision
+    is the float64 one (`3/10 >= threshold` in double) for every feature dtype and backend,
+    also where the arithmetic is float32 (the reference, the automatic fallback, computes in
+    float32 for these inputs; float32 rounds 0.30000001 to the same number as 0.3)."""
+    if backend == "kernel":
+        require_kernel(device)
+    labels = _jaccard_three_tenths_batch().to(device)
+    assert (3 / 10 >= threshold) == positive  # the float64 decision this case expects
+    case = build(Spec(images=3, views=2, dim=8, seed=11), threshold=threshold,
+                 reduction="none")
+    features = case.features.to(device=device, dtype=dtype)
+    got = modan_ext.jaccard_supcon_loss(features, labels, backend=backend, **case.options)
+    oracle = {decided: reference_fn(features.double(), labels,
+                                    **dict(case.options, threshold=0.3 if decided else 0.31))
+              for decided in (True, False)}
+    # The two decisions give clearly different losses, so the comparison below has teeth.
+    assert (oracle[True] - oracle[False]).abs().max() > 1e-2
+    assert_close(got, oracle[positive].to(got.dtype), 1e-5,
+                 f"{backend} loss, {dtype} features, threshold {threshold!r}")
+
+
 MANY_TILES = [  # (spec, options): several 256-row tiles, ragged edges, views across tile edges
     pytest.param(Spec(images=301, views=2, dim=67, pattern="paper", seed=3),
                  dict(reduction="none"), id="paper-V2-all"),

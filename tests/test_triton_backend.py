@@ -196,7 +196,7 @@ def test_gathered_path_on_one_rank():
             for mode in ("all", "one"):
                 opts = check_options(reduction=reduction, contrast_mode=mode)
                 got = run_loss(lambda f, y: distributed.gathered_loss(
-                    f, y, opts, lambda device: "triton"), features, labels)
+                    f, y, lambda: (opts, None), lambda device: "triton"), features, labels)
                 expected = run_loss(reference_fn, features, labels, reduction=reduction,
                                     contrast_mode=mode)
                 assert_close(got[0], expected[0], 1e-10, "loss", 1.0)

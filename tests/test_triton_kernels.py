@@ -181,7 +181,7 @@ def _float64_stats(z, labels, views, threshold, weighting, temperature):
     p = torch.softmax(x, dim=1)
     entropy = -(p * torch.where(eye, torch.zeros_like(x), torch.log(p.clamp_min(1e-300)))).sum(1)
     images = z.shape[0] // views
-    weight = positive_weights(label_similarity(labels, images, weighting, torch.float64,
+    weight = positive_weights(label_similarity(labels, images, weighting,
                                                z.device), threshold, weighting)
     image_of = torch.arange(z.shape[0]) // views
     w = weight[image_of][:, image_of].masked_fill(eye, 0)

@@ -5,6 +5,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -23,66 +24,67 @@ using simd::vec_t;
 // Per contrast row: ∂ℓ_a/∂s_ab · grad_loss_a = alpha_a exp(x_ab - lse_a) - beta_a w_ab. Rows that
 // are not counted anchors get alpha = beta = 0 and lse = +inf, so their term is exactly 0
 // (never 0 · inf).
+//
+// lse comes in float64 and must not be rounded to T: with lse = lse_hi + lse_lo (lse_hi = T(lse)),
+// exp(x - lse) = exp(x - lse_hi) · exp(-lse_lo), and the second factor is folded into alpha
+// (in double, rounded once). x - lse_hi is exact where p matters (x within a factor 2 of lse).
 template <typename T>
 struct AnchorCoefficients {
   std::vector<T> alpha, beta, lse;
-  AnchorCoefficients(const Problem& p, const T* grad_loss, const T* stats)
+  AnchorCoefficients(const Problem& p, const T* grad_loss, const double* stats)
       : alpha(p.rows, T(0)), beta(p.rows, T(0)),
         lse(p.rows, std::numeric_limits<T>::infinity()) {
     for (int64_t a = 0; a < p.anchors(); ++a) {
-      const T* st = stats + 4 * a;
+      const double* st = stats + kStatsColumns * a;
       const int64_t r = p.anchor_begin + a;
-      if (!p.is_anchor(r) || !(st[1] > T(0))) continue;
-      const double b = double(grad_loss[a]) / (p.base_temperature * double(st[3]));
+      if (!p.is_anchor(r) || !(st[kCount] > 0)) continue;
+      const double b = double(grad_loss[a]) / (p.base_temperature * st[kNorm]);
+      const T lse_hi = T(st[kLse]);
       beta[r] = T(b);
-      alpha[r] = T(b * double(st[2]));
-      lse[r] = st[0];
+      alpha[r] = T(b * st[kOmega] * std::exp(double(lse_hi) - st[kLse]));
+      lse[r] = lse_hi;
     }
   }
 };
 
-// H = G (row anchors) + Gᵀ (column anchors, off the diagonal block), in place of S.
+// H = G (row anchors) + Gᵀ (column anchors, off the diagonal block), in place of the logits x
+// (load_tile), from the per-column coefficients padded to whole vectors in `column`.
 template <typename T>
 MODAN_INLINE void backward_tile_body(const Problem& p, const AnchorCoefficients<T>& coef,
                                      int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                     bool symmetric, T* s, const T* w) {
+                                     bool symmetric, int64_t ld, T* s, const T* w, T* column) {
   using V = vec_t<T>;
   constexpr int L = simd::lanes<T>;
-  const T inv_t = T(1.0 / p.temperature);
   const int64_t width = padded(nc, L);
-  const T* ac = coef.alpha.data() + c0;
-  const T* bc = coef.beta.data() + c0;
-  const T* lc = coef.lse.data() + c0;
-  // The padding columns of alpha/beta/lse: read past nc only within the vectors' width.
-  thread_local std::vector<T> col_alpha, col_beta, col_lse;
-  if (width > nc) {
-    col_alpha.assign(width, T(0)), col_beta.assign(width, T(0));
-    col_lse.assign(width, std::numeric_limits<T>::infinity());
-    std::copy(ac, ac + nc, col_alpha.begin()), ac = col_alpha.data();
-    std::copy(bc, bc + nc, col_beta.begin()), bc = col_beta.data();
-    std::copy(lc, lc + nc, col_lse.begin()), lc = col_lse.data();
-  }
+  T* ac = column;
+  T* bc = column + ld;
+  T* lc = column + 2 * ld;
+  std::copy(coef.alpha.data() + c0, coef.alpha.data() + c0 + nc, ac);
+  std::copy(coef.beta.data() + c0, coef.beta.data() + c0 + nc, bc);
+  std::copy(coef.lse.data() + c0, coef.lse.data() + c0 + nc, lc);
+  std::fill(ac + nc, ac + width, T(0)), std::fill(bc + nc, bc + width, T(0));
+  std::fill(lc + nc, lc + width, std::numeric_limits<T>::infinity());
   for (int64_t r = 0; r < nr; ++r) {
-    T* hr = s + r * kTile;
-    const T* wr = w + r * kTile;
+    T* hr = s + r * ld;
+    const T* wr = w + r * ld;
     const V ar = simd::splat(coef.alpha[r0 + r]), br = simd::splat(coef.beta[r0 + r]);
     const V lr = simd::splat(coef.lse[r0 + r]);
     const bool row_anchor = coef.alpha[r0 + r] != T(0) || coef.beta[r0 + r] != T(0);
     if (row_anchor && symmetric) {
       for (int64_t c = 0; c < width; c += L) {
-        const V x = simd::load(hr + c) * inv_t, wc = simd::load(wr + c);
+        const V x = simd::load(hr + c), wc = simd::load(wr + c);
         simd::store(hr + c, ar * simd::exp(x - lr) - br * wc +
                                 simd::load(ac + c) * simd::exp(x - simd::load(lc + c)) -
                                 simd::load(bc + c) * wc);
       }
     } else if (row_anchor) {
       for (int64_t c = 0; c < width; c += L) {
-        const V x = simd::load(hr + c) * inv_t, wc = simd::load(wr + c);
+        const V x = simd::load(hr + c), wc = simd::load(wr + c);
         simd::store(hr + c, ar * simd::exp(x - lr) - br * wc);
       }
     } else if (symmetric) {
       for (int64_t c = 0; c < width; c += L) {
-        const V x = simd::load(hr + c) * inv_t, wc = simd::load(wr + c);
+        const V x = simd::load(hr + c), wc = simd::load(wr + c);
         simd::store(hr + c, simd::load(ac + c) * simd::exp(x - simd::load(lc + c)) -
                                 simd::load(bc + c) * wc);
       }
@@ -95,13 +97,13 @@ MODAN_INLINE void backward_tile_body(const Problem& p, const AnchorCoefficients<
 }
 MODAN_CLONES void backward_tile(const Problem& p, const AnchorCoefficients<float>& coef,
                                 int64_t r0, int64_t nr, int64_t c0, int64_t nc, bool symmetric,
-                                float* s, const float* w) {
-  backward_tile_body(p, coef, r0, nr, c0, nc, symmetric, s, w);
+                                int64_t ld, float* s, const float* w, float* column) {
+  backward_tile_body(p, coef, r0, nr, c0, nc, symmetric, ld, s, w, column);
 }
 MODAN_CLONES void backward_tile(const Problem& p, const AnchorCoefficients<double>& coef,
                                 int64_t r0, int64_t nr, int64_t c0, int64_t nc, bool symmetric,
-                                double* s, const double* w) {
-  backward_tile_body(p, coef, r0, nr, c0, nc, symmetric, s, w);
+                                int64_t ld, double* s, const double* w, double* column) {
+  backward_tile_body(p, coef, r0, nr, c0, nc, symmetric, ld, s, w, column);
 }
 
 MODAN_CLONES void add_into(float* dst, const float* src, int64_t n) {
@@ -113,7 +115,7 @@ MODAN_CLONES void add_into(double* dst, const double* src, int64_t n) {
 
 template <typename T>
 void backward(const Problem& p, const T* grad_loss, const T* z, const int64_t* labels,
-              const T* stats, T* grad) {
+              const double* stats, T* grad) {
   const auto pairs = tile_pairs(p);
   const int64_t slots = thread_slots(pairs.size());
   const LabelWeights<T> weights(weight_problem(p), labels);
@@ -122,23 +124,23 @@ void backward(const Problem& p, const T* grad_loss, const T* z, const int64_t* l
   std::fill(grad, grad + p.rows * D, T(0));
   // Slot 0 accumulates straight into `grad`; the others into private buffers merged below.
   std::vector<std::vector<T>> slot_grad(slots - 1, std::vector<T>(p.rows * D, T(0)));
+  std::vector<TileScratch<T>> scratch(slots, TileScratch<T>(p, /*backward=*/true));
 
   for_each_pair(pairs, slots, [&](int64_t slot, const TilePair& tp) {
-    thread_local TileScratch<T> t;
+    TileScratch<T>& t = scratch[slot];
     T* g = slot == 0 ? grad : slot_grad[slot - 1].data();
     const int64_t r0 = tp.row_block * kTile, nr = block_rows(p, tp.row_block);
     const int64_t c0 = tp.col_block * kTile, nc = block_rows(p, tp.col_block);
     load_tile(p, weights, z, r0, nr, c0, nc, t);
     backward_tile(p, coef, r0, nr, c0, nc,
-                  tp.col_block != tp.row_block && block_has_anchor(p, tp.col_block), t.s.data(),
-                  t.w.data());
+                  tp.col_block != tp.row_block && block_has_anchor(p, tp.col_block), t.ld,
+                  t.s.data(), t.w.data(), t.column.data());
     // grad_I += H Z_J and grad_J += Hᵀ Z_I (on a diagonal block both land in grad_I).
-    t.product.resize(kTile * D);
     T* product = t.product.data();
-    matmul_into(blob(product, nr, D, D, 1), blob(t.s.data(), nr, nc, kTile, 1),
+    matmul_into(blob(product, nr, D, D, 1), blob(t.s.data(), nr, nc, t.ld, 1),
                 blob(z + c0 * D, nc, D, D, 1));
     add_into(g + r0 * D, product, nr * D);
-    matmul_into(blob(product, nc, D, D, 1), blob(t.s.data(), nc, nr, 1, kTile),
+    matmul_into(blob(product, nc, D, D, 1), blob(t.s.data(), nc, nr, 1, t.ld),
                 blob(z + r0 * D, nr, D, D, 1));
     add_into(g + c0 * D, product, nc * D);
   });

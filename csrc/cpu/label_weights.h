@@ -28,7 +28,9 @@ struct WeightProblem {
 template <typename T>
 class LabelWeights {
  public:
-  LabelWeights(const WeightProblem& p, const int64_t* labels) : p_(p), labels_(labels) {
+  LabelWeights(const WeightProblem& p, const int64_t* labels)
+      : p_(p), labels_(labels),
+        same_class_(static_cast<T>(same_class_weight(p.threshold, p.weighting))) {
     key_.resize(p.images);
     if (p.label_kind == kClassIds) {
       std::copy(labels, labels + p.images, key_.begin());
@@ -83,7 +85,7 @@ class LabelWeights {
       const int64_t image = (r0 + r) / V, key = key_[image];
       T* out = w + r * ld;
       if (p_.label_kind == kClassIds) {
-        for (int64_t c = 0; c < nc; ++c) out[c] = col_key[c] == key ? T(1) : T(0);
+        for (int64_t c = 0; c < nc; ++c) out[c] = col_key[c] == key ? same_class_ : T(0);
       } else if (!table_.empty()) {
         // Rows are filled before their same-image fix-up below, so copy from a clean row.
         int32_t& source = cached_row[key];
@@ -125,6 +127,7 @@ class LabelWeights {
   const int64_t* labels_;
   std::vector<int64_t> key_;    // per image: class id or label-set index
   std::vector<int32_t> count_;  // per image: number of labels (multi-hot)
+  const T same_class_;          // class ids: weight of another image with the same id
   std::vector<T> table_;        // [sets x sets] weights between distinct label sets
   int64_t sets_ = 0;
 };

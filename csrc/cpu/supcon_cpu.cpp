@@ -4,16 +4,17 @@
 // The similarity matrix S = Z Zᵀ is streamed in square tiles of kTile rows. S and the label
 // weights are symmetric, so a tile pair (I, J) with J > I serves the anchors of I (reducing along
 // rows) and those of J (reducing along columns); pairs with J < I are skipped when J holds
-// anchors. Forward: per-anchor online log-sum-exp, positive count, weight sum and weighted logit
-// sum. Backward: recompute the tile, form H = G + Gᵀ on it, accumulate H Z_J into the gradient of
+// anchors. Forward: per-anchor online log-sum-exp, entropy, positive count, weight sum and
+// weighted logit sum. Backward: recompute the tile, form H = G + Gᵀ on it, accumulate H Z_J into the gradient of
 // block I and Hᵀ Z_I into that of block J. Tile pairs are split into one contiguous run per
 // thread slot; each slot owns its accumulators (O(M) forward, O(M·D) backward), merged in a fixed
-// order, so results do not depend on thread timing. Never an M x M buffer.
+// order, so results do not depend on thread timing, and its scratch, sized by the problem and
+// freed when the call returns. Never an M x M buffer.
 //
 // The kernel lives in the headers of this folder, one concern each, all parts of this one
 // translation unit (internal linkage):
 //   matmul.h         matrix products through ATen's mm via the stable ABI
-//   tiles.h          blocks, tile pairs, thread slots, per-slot scratch, loading a tile
+//   tiles.h          blocks, tile pairs, thread slots, per-slot scratch, the logits of a tile
 //   label_weights.h  the label-weight tile of a tile pair
 //   simd.h           64-byte vectors, exp, the per-ISA clones of the hot loops
 //   forward.h        the forward: online per-anchor statistics, loss
@@ -66,23 +67,23 @@ template <typename T>
 void forward_or_nan(const Problem& p, const Tensor& features, const Tensor& labels,
                     const Tensor& loss, const Tensor& stats) {
   if (!all_finite(features.const_data_ptr<T>(), features.numel())) {
-    fill_nan<T>(loss), fill_nan<T>(stats);  // non-finite input: NaN out, never a wrong number
+    fill_nan<T>(loss), fill_nan<double>(stats);  // non-finite input: NaN out, never a wrong number
     return;
   }
   forward<T>(p, features.const_data_ptr<T>(), labels.const_data_ptr<int64_t>(),
-             loss.mutable_data_ptr<T>(), stats.mutable_data_ptr<T>());
+             loss.mutable_data_ptr<T>(), stats.mutable_data_ptr<double>());
 }
 
 template <typename T>
 void backward_or_nan(const Problem& p, const Tensor& grad_loss, const Tensor& features,
                      const Tensor& labels, const Tensor& stats, const Tensor& grad) {
   if (!all_finite(features.const_data_ptr<T>(), features.numel()) ||
-      !all_finite(stats.const_data_ptr<T>(), stats.numel())) {
+      !all_finite(stats.const_data_ptr<double>(), stats.numel())) {
     fill_nan<T>(grad);
     return;
   }
   backward<T>(p, grad_loss.const_data_ptr<T>(), features.const_data_ptr<T>(),
-              labels.const_data_ptr<int64_t>(), stats.const_data_ptr<T>(),
+              labels.const_data_ptr<int64_t>(), stats.const_data_ptr<double>(),
               grad.mutable_data_ptr<T>());
 }
 
@@ -97,7 +98,7 @@ std::tuple<Tensor, Tensor> supcon_fwd_cpu(Tensor features, Tensor labels, int64_
                                   first_view_only, temperature, base_temperature, threshold,
                                   weighting, normalization);
   Tensor loss = torch::stable::new_empty(features, {p.anchors()}, loss_dtype(p.dtype));
-  Tensor stats = torch::stable::new_empty(features, {p.anchors(), 4}, loss_dtype(p.dtype));
+  Tensor stats = torch::stable::new_empty(features, {p.anchors(), kStatsColumns}, kStatsDtype);
   if (p.anchors() == 0) return {loss, stats};
   if (p.dtype == ScalarType::Float)
     forward_or_nan<float>(p, features, labels, loss, stats);

@@ -29,27 +29,46 @@ WeightProblem weight_problem(const Problem& p) {
   return {p.images, p.views, p.words, p.label_kind, p.weighting, p.threshold};
 }
 
-// Scratch of one thread slot for one tile: similarities (later H), weights, column statistics.
-template <typename T>
-struct TileScratch {
-  std::vector<T> s, w, column, product;
-  TileScratch() : s(kTile * kTile), w(kTile * kTile), column(5 * kTile) {}
-};
-
 int64_t padded(int64_t n, int lanes) { return (n + lanes - 1) / lanes * lanes; }
 
-// S_IJ = Z_I Z_Jᵀ into s (row stride kTile) and the weight tile into w; columns nc.. of both
-// are padded with (-inf, 0) so that vector loops can run over whole vectors.
+// Scratch of one thread slot, sized by the problem and owned by the call (freed when it
+// returns): a tile of logits (the backward turns it into H), of weights, the column statistics
+// (forward), the padded per-column coefficients and the H·Z product (backward). Row stride `ld`:
+// the widest tile rounded up to whole 64-byte vectors, so a small problem gets small tiles.
+template <typename T>
+struct TileScratch {
+  static constexpr int64_t kColumnStats = 6;  // max, Σ e, Σ e·(x − max), count, Σ w, Σ w·x
+  int64_t ld;
+  std::vector<T> s, w, column, product;
+  TileScratch(const Problem& p, bool backward)
+      : ld(padded(std::min(kTile, p.rows), simd::lanes<float>)),
+        s(std::min(kTile, p.rows) * ld),
+        w(s.size()),
+        column((backward ? 3 : kColumnStats) * ld),
+        product(backward ? std::min(kTile, p.rows) * p.dim : 0) {}
+};
+
+// The logits x = S_IJ / T of a tile into s (row stride t.ld) and its weights into w; columns
+// nc.. are padded with (-inf, 0) so that vector loops can run over whole vectors. x is rounded
+// once, here, as s · (1/T), and stored: the forward and the backward both read it from this
+// tile, so they see the very same x (a product left in a register could be contracted with the
+// following `x − lse` into one FMA, which rounds differently; at |x| ~ 1e5 half an ulp of x
+// already moves exp(x − lse) by 1%).
 template <typename T>
 void load_tile(const Problem& p, const LabelWeights<T>& weights, const T* z, int64_t r0,
                int64_t nr, int64_t c0, int64_t nc, TileScratch<T>& t) {
-  matmul_into(blob(t.s.data(), nr, nc, kTile, 1), blob(z + r0 * p.dim, nr, p.dim, p.dim, 1),
+  const int64_t ld = t.ld;
+  T* s = t.s.data();
+  matmul_into(blob(s, nr, nc, ld, 1), blob(z + r0 * p.dim, nr, p.dim, p.dim, 1),
               blob(z + c0 * p.dim, p.dim, nc, 1, p.dim));
+  const T inv_t = T(1.0 / p.temperature);
   const int64_t width = padded(nc, simd::lanes<T>);
-  for (int64_t r = 0; r < nr; ++r)
-    std::fill(t.s.data() + r * kTile + nc, t.s.data() + r * kTile + width,
-              -std::numeric_limits<T>::infinity());
-  weights.fill(t.w.data(), kTile, r0, nr, c0, nc, width);
+  for (int64_t r = 0; r < nr; ++r) {
+    T* x = s + r * ld;
+    for (int64_t c = 0; c < nc; ++c) x[c] *= inv_t;
+    std::fill(x + nc, x + width, -std::numeric_limits<T>::infinity());
+  }
+  weights.fill(t.w.data(), ld, r0, nr, c0, nc, width);
 }
 
 struct TilePair {

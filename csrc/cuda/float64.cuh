@@ -49,15 +49,20 @@ __global__ void supcon_fwd64_kernel(const Params64 p) {
   const int64_t a = p.a_first + ta * p.a_step;
   const int64_t ia = a / p.views;
   const double* za = p.z + a * p.D;
-  double m = -INFINITY, l = 0.0, cnt = 0.0, om = 0.0, wx = 0.0;
+  // (m, l = Σ e^{x−m}, t = Σ e^{x−m}(x − m) <= 0): log-sum-exp and entropy (op contract v2)
+  double m = -INFINITY, l = 0.0, t = 0.0, cnt = 0.0, om = 0.0, wx = 0.0;
   for (int64_t b = lane; b < p.M; b += 32) {
     if (b == a) continue;
     const double x = __dmul_rn(dot64(za, p.z + b * p.D, p.D), p.inv_t);  // never contracted
-    if (x > m) {
-      l = l * exp(m - x) + 1.0;
+    if (x > m) {  // rescale to the new max: t' = e^d (t + d l), d = m − x; the new term adds 0
+      const double scale = exp(m - x);
+      t = l > 0.0 ? scale * (t + (m - x) * l) : 0.0;
+      l = l * scale + 1.0;
       m = x;
     } else {
-      l += exp(x - m);
+      const double e = exp(x - m);
+      l += e;
+      t += e * (x - m);
     }
     const double w = pair_weight(p.labels, p.counts, p.W, p.label_kind, ia, b / p.views, p.thr,
                                  p.weighting);
@@ -66,9 +71,12 @@ __global__ void supcon_fwd64_kernel(const Params64 p) {
   for (int off = 1; off < 32; off <<= 1) {
     const double m2 = __shfl_xor_sync(0xffffffffu, m, off);
     const double l2 = __shfl_xor_sync(0xffffffffu, l, off);
+    const double t2 = __shfl_xor_sync(0xffffffffu, t, off);
     const double mn = fmax(m, m2);
     const double mu = mn == -INFINITY ? 0.0 : mn;
-    l = l * exp(m - mu) + l2 * exp(m2 - mu);
+    const double s1 = exp(m - mu), s2 = exp(m2 - mu);
+    t = (l > 0.0 ? s1 * (t + (m - mu) * l) : 0.0) + (l2 > 0.0 ? s2 * (t2 + (m2 - mu) * l2) : 0.0);
+    l = l * s1 + l2 * s2;
     m = mn;
     cnt += __shfl_xor_sync(0xffffffffu, cnt, off);
     om += __shfl_xor_sync(0xffffffffu, om, off);
@@ -76,16 +84,18 @@ __global__ void supcon_fwd64_kernel(const Params64 p) {
   }
   if (lane == 0) {
     const int64_t i = a - p.abeg;
-    const double lse = m == -INFINITY ? 0.0 : m + log(l);
+    const double log_l = m == -INFINITY ? 0.0 : log(l);
+    const double lse = m == -INFINITY ? 0.0 : m + log_l;
     const double norm = p.normalization == kByCount ? cnt : om;
-    double* st = p.stats + 4 * i;
-    st[0] = lse;
+    double* st = p.stats + kStatsColumns * i;
+    st[kLse] = lse;
+    st[kEntropy] = m == -INFINITY ? 0.0 : log_l - t / l;
     if (cnt > 0.0) {
       p.loss[i] = p.t_over_tb * (om * lse - wx) / norm;
-      st[1] = cnt, st[2] = om, st[3] = norm;
+      st[kCount] = cnt, st[kOmega] = om, st[kNorm] = norm;
     } else {
       p.loss[i] = 0.0;
-      st[1] = st[2] = st[3] = 0.0;
+      st[kCount] = st[kOmega] = st[kNorm] = 0.0;
     }
   }
 }
@@ -97,11 +107,11 @@ __global__ void coef64_kernel(const double* stats, const double* grad_loss, int6
   if (r >= M) return;
   double lse = INFINITY, ca = 0.0, cb = 0.0;
   if (is_anchor(r, abeg, aend, fvo, views)) {
-    const double* st = stats + 4 * (r - abeg);
-    if (st[1] > 0.0) {
-      cb = grad_loss[r - abeg] / (base_temperature * st[3]);
-      ca = cb * st[2];
-      lse = st[0];
+    const double* st = stats + kStatsColumns * (r - abeg);
+    if (st[kCount] > 0.0) {
+      cb = grad_loss[r - abeg] / (base_temperature * st[kNorm]);
+      ca = cb * st[kOmega];
+      lse = st[kLse];
     }
   }
   coef[3 * r] = lse, coef[3 * r + 1] = ca, coef[3 * r + 2] = cb;

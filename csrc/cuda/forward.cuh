@@ -1,4 +1,4 @@
-// The forward kernel: per-anchor log-sum-exp, positive count, weight sum and loss.
+// The forward kernel: per-anchor log-sum-exp, entropy, positive count, weight sum and loss.
 #pragma once
 
 #include <cmath>
@@ -10,6 +10,7 @@
 #include "cuda/similarity.cuh"
 #include "cuda/tile_loads.cuh"
 #include "supcon_pair.h"
+#include "supcon_problem.h"
 
 namespace modan_ext {
 namespace cuda_impl {
@@ -17,12 +18,23 @@ namespace cuda_impl {
 // Block: 64 anchors (compact index; with first_view_only every views-th row), all M columns, in
 // column tiles of 64 (double-buffered through cp.async) and sub-tiles of 32 columns.
 // Warp w: anchors 16w .. 16w+15; lane (g, t) holds rows g and g+8 and, per sub-tile, columns
-// 8j + 2t + {0,1}, j = 0..3. Per row it keeps (max, sum) of exp(x) and the positive count,
-// Σ w and Σ w·x over its own columns; the 4 lanes of a quad are merged at the end.
+// 8j + 2t + {0,1}, j = 0..3. Per row it keeps (max m, l = Σ e^{x−m}, t = Σ e^{x−m}(x − m)) and
+// the positive count, Σ w and Σ w·x over its own columns; the 4 lanes of a quad are merged at the
+// end. t <= 0 gives the entropy log l − t / l without cancellation (op contract v2).
 
 struct FwdRow {
-  float m, l, cnt, om, wx;
+  float m, l, t, cnt, om, wx;
 };
+
+// x − m floored where e^{x−m} is 0 anyway (2^-288 underflows even without flush-to-zero), so that
+// a masked column (x = −inf) adds 0·(finite) to t, not 0·(−inf).
+constexpr float kExpFloor = -200.f;
+
+// Rescales a running (l, t) from the max m to the max mu >= m: l e^d and e^d (t + d l),
+// d = m − mu; nothing yet (m = −inf, l = t = 0) stays (0, 0).
+__device__ __forceinline__ float rescaled_t(float m, float l, float t, float mu, float scale) {
+  return l > 0.f ? scale * fmaf(m - mu, l, t) : 0.f;
+}
 
 // Folds one sub-tile (raw S values) into the per-row statistics. cbase = first local column of
 // this lane in the tile (8NJ·h + 2t). With kMask, a column lc of the tile counts for row i only
@@ -68,12 +80,18 @@ __device__ __forceinline__ void fwd_subtile(const Params& p, const float (&s)[NJ
     }
     const float mnew = fmaxf(st[i].m, mx);
     const float mu = mnew == -INFINITY ? 0.f : mnew;
-    float sum = 0.f;
+    float sum = 0.f, tsum = 0.f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) sum += __expf(xm[j][e] - mu);
-    st[i].l = fmaf(st[i].l, __expf(st[i].m - mu), sum);
+      for (int e = 0; e < 2; ++e) {
+        const float d = fmaxf(xm[j][e] - mu, kExpFloor), ex = __expf(d);
+        sum += ex;
+        tsum = fmaf(ex, d, tsum);
+      }
+    const float scale = __expf(st[i].m - mu);
+    st[i].t = rescaled_t(st[i].m, st[i].l, st[i].t, mu, scale) + tsum;
+    st[i].l = fmaf(st[i].l, scale, sum);
     st[i].m = mnew;
     st[i].cnt += cnt;
     st[i].om += om;
@@ -110,7 +128,7 @@ __global__ void __launch_bounds__(NT, 2) supcon_fwd_kernel(const Params p) {
   }
   FwdRow st[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) st[i] = FwdRow{-INFINITY, 0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < 2; ++i) st[i] = FwdRow{-INFINITY, 0.f, 0.f, 0.f, 0.f, 0.f};
 
   const S* z = static_cast<const S*>(p.z);
   const int ncol = static_cast<int>((p.M + BN - 1) / BN);
@@ -175,28 +193,38 @@ __global__ void __launch_bounds__(NT, 2) supcon_fwd_kernel(const Params p) {
     for (int off = 1; off <= 2; off <<= 1) {
       const float m2 = __shfl_xor_sync(0xffffffffu, st[i].m, off);
       const float l2 = __shfl_xor_sync(0xffffffffu, st[i].l, off);
+      const float t2 = __shfl_xor_sync(0xffffffffu, st[i].t, off);
       const float mnew = fmaxf(st[i].m, m2);
       const float mu = mnew == -INFINITY ? 0.f : mnew;
-      st[i].l = st[i].l * __expf(st[i].m - mu) + l2 * __expf(m2 - mu);
+      const float s1 = __expf(st[i].m - mu), s2 = __expf(m2 - mu);
+      st[i].t = rescaled_t(st[i].m, st[i].l, st[i].t, mu, s1) + rescaled_t(m2, l2, t2, mu, s2);
+      st[i].l = st[i].l * s1 + l2 * s2;
       st[i].m = mnew;
       st[i].cnt += __shfl_xor_sync(0xffffffffu, st[i].cnt, off);
       st[i].om += __shfl_xor_sync(0xffffffffu, st[i].om, off);
       st[i].wx += __shfl_xor_sync(0xffffffffu, st[i].wx, off);
     }
     if (t == 0 && rok[i]) {
+      // lse and entropy in double (op contract v2): the backward subtracts lse from logits of
+      // up to ~1e5 and more, where one float32 rounding of lse moves Σ_b p_ab off 1.
       const int64_t a = row[i] - p.abeg;
-      const float lse = st[i].m == -INFINITY ? 0.f : st[i].m + __logf(st[i].l);
+      const bool summed = st[i].m != -INFINITY;  // the row has another row (M > 1)
+      const double log_l = summed ? log(double(st[i].l)) : 0.0;
+      const double lse = summed ? double(st[i].m) + log_l : 0.0;
+      const double entropy = summed ? log_l - double(st[i].t) / double(st[i].l) : 0.0;
       const bool counted = st[i].cnt > 0.f;
       const float norm = p.normalization == kByCount ? st[i].cnt : st[i].om;
       float loss = 0.f;
       if (counted)
-        loss = static_cast<float>(p.t_over_tb *
-                                  (double(st[i].om) * double(lse) - double(st[i].wx)) /
+        loss = static_cast<float>(p.t_over_tb * (double(st[i].om) * lse - double(st[i].wx)) /
                                   double(norm));
       p.loss[a] = loss;
-      float4 out = make_float4(lse, 0.f, 0.f, 0.f);
-      if (counted) out = make_float4(lse, st[i].cnt, st[i].om, norm);
-      reinterpret_cast<float4*>(p.stats)[a] = out;
+      double* out = p.stats + kStatsColumns * a;
+      out[kLse] = lse;
+      out[kCount] = counted ? st[i].cnt : 0.0;
+      out[kOmega] = counted ? st[i].om : 0.0;
+      out[kNorm] = counted ? norm : 0.0;
+      out[kEntropy] = entropy;
     }
   }
 }

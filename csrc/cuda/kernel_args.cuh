@@ -76,7 +76,7 @@ Params base_params(const Problem& p, const Tensor& features, const Tensor& label
     case kOverlap: k.wc = 1.f; break;
     default: k.wa = 1.f, k.wb = -1.f; break;  // jaccard, binary
   }
-  k.cid_w = static_cast<float>(positive_weight(1.0, p.threshold, p.weighting));
+  k.cid_w = static_cast<float>(same_class_weight(p.threshold, p.weighting));
   k.t_over_tb = p.temperature / p.base_temperature;
   k.normalization = static_cast<int>(p.normalization);
   return k;

@@ -25,8 +25,8 @@ struct alignas(16) RowInfo {
   int32_t img;      // row / views
   float n;          // number of labels of the image (multi-hot)
   float sq;         // sqrt(n) (cosine)
-  float lse;        // backward: log-sum-exp of the row, +inf when the row has no coefficient
-  float ca, cb;     // backward: grad_loss·omega/(T_base·norm), grad_loss/(T_base·norm)
+  float lse;        // backward: lse_hi = float32(lse), +inf when the row has no coefficient
+  float ca, cb;     // backward: grad_loss·omega·exp(−lse_lo)/(T_base·norm), grad_loss/(T_base·norm)
 };
 static_assert(sizeof(RowInfo) == 32, "RowInfo must be 32 bytes");
 
@@ -78,8 +78,8 @@ struct Params {
   float wa, wb, wc, wd;     // generic denominators: wa (n_i+n_j) + wb n∧ + wc min + wd sqrt(n_i n_j)
   float cid_w;              // weight of two images with equal class ids
   const uint32_t* ties;     // <= 64 labels: exact positive bit of (n_i, n_j, n∧), kTieDim^3 bits
-  float* loss;              // forward outputs (float32)
-  float* stats;
+  float* loss;              // forward outputs: loss (float32), stats [Ma, 5] (float64)
+  double* stats;
   double t_over_tb;
   int normalization;
   void* grad;               // backward output [M, D], features' dtype

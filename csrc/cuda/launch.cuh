@@ -147,7 +147,7 @@ void dispatch(int mode, int lm, const Params& k, int32_t device, cudaStream_t st
   }
 }
 
-void prep_rows(const Problem& p, const Tensor& labels, RowInfo* info, const float* stats,
+void prep_rows(const Problem& p, const Tensor& labels, RowInfo* info, const double* stats,
                const float* grad_loss, unsigned* cmax, cudaStream_t stream) {
   PrepParams q{};
   q.labels = static_cast<const int64_t*>(labels.const_data_ptr());

@@ -6,6 +6,7 @@
 
 #include "cuda/kernel_traits.cuh"
 #include "supcon_pair.h"
+#include "supcon_problem.h"
 
 namespace modan_ext {
 namespace cuda_impl {
@@ -51,7 +52,7 @@ struct PrepParams {
   int fvo;
   RowInfo* info;
   // backward only (stats == nullptr: forward)
-  const float* stats;
+  const double* stats;  // [Ma, kStatsColumns]
   const float* grad_loss;
   double base_temperature;
   unsigned* cmax;
@@ -85,14 +86,15 @@ __global__ void prep_rows_kernel(const PrepParams q) {
     // is_anchor (supcon_problem.h) written out: the call compiles to other, equivalent machine
     // code here, which would need a GPU run to re-validate (csrc/cuda/sass_fingerprint.txt).
     if (q.stats != nullptr && r >= q.abeg && r < q.aend && (!q.fvo || r % q.views == 0)) {
-      const int64_t a = r - q.abeg;
-      const float cnt = q.stats[4 * a + 1];
-      if (cnt > 0.f) {
-        const double norm = q.stats[4 * a + 3];
-        const double coef = double(q.grad_loss[a]) / (q.base_temperature * norm);
+      const double* st = q.stats + kStatsColumns * (r - q.abeg);
+      if (st[kCount] > 0.0) {
+        const double coef = double(q.grad_loss[r - q.abeg]) / (q.base_temperature * st[kNorm]);
+        // lse = lse_hi + lse_lo: the kernels take exp(x − lse_hi) (float32), and
+        // exp(−lse_lo) is folded into ca here, in double, so lse is never rounded to float32.
+        const float lse_hi = __double2float_rn(st[kLse]);
         ri.cb = static_cast<float>(coef);
-        ri.ca = static_cast<float>(coef * double(q.stats[4 * a + 2]));
-        ri.lse = q.stats[4 * a];
+        ri.ca = static_cast<float>(coef * st[kOmega] * exp(double(lse_hi) - st[kLse]));
+        ri.lse = lse_hi;
         cm = fabsf(ri.ca) + fabsf(ri.cb);
       }
     }

@@ -22,7 +22,8 @@
 //   a 34 KiB tie table (<= 64 labels); the backward's output is the gradient itself.
 // * Row-owner scheduling, no floating-point atomics anywhere: a block owns BM = 64 rows (4 warps x
 //   16 rows) and loops over all column tiles of BN = 64 in a fixed order. Forward: a warp owns its
-//   16 rows' statistics (online log-sum-exp, positive count, weight sum, Σ w·x) over every column;
+//   16 rows' statistics (online log-sum-exp and entropy, positive count, weight sum, Σ w·x) over
+//   every column;
 //   the 4 lanes of a quad that share a row are merged once at the end with a fixed butterfly.
 //   Backward: grad = H Z with H = G + Gᵀ, H_ab built from s_ab and the statistics of *both* rows
 //   (H_ab = ca_a p_ab + ca_b p_ba − (cb_a + cb_b) w_ab), so one pass over row tiles gives the whole
@@ -38,6 +39,8 @@
 // * Consistency: the backward recomputes every logit x_ab = RN(s_ab / T) bit-identically to the
 //   forward (same tile code, same k order, and a 3xTF32 that is symmetric in a <-> b), so that
 //   exp(x_ab − lse_a) is exactly the forward's p_ab even at |z| ~ 1e3 where one ulp of x is ~1.
+//   lse itself leaves the forward in float64 (op contract v2) and reaches the backward as a
+//   float32 lse_hi plus exp(−lse_lo) folded into the row's coefficient, never rounded.
 // * Label weights: per pair popcounts on the packed words, a float similarity, and the exact
 //   double-precision decision of supcon_pair.h whenever the float is within 1e-5 (relative) of
 //   the threshold (ties such as 1/3 vs 1/3 decide exactly as the reference): tabulated per call
@@ -106,12 +109,12 @@ std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64
   torch::stable::accelerator::DeviceGuard guard(device);
   const int64_t Ma = p.anchors();
   Tensor loss = torch::stable::new_empty(features, {Ma}, loss_dtype(p.dtype));
-  Tensor stats = torch::stable::new_empty(features, {Ma, 4}, loss_dtype(p.dtype));
+  Tensor stats = torch::stable::new_empty(features, {Ma, kStatsColumns}, kStatsDtype);
   if (Ma == 0) return {loss, stats};
   const cudaStream_t stream = current_stream(device);
   const size_t os = p.dtype == ScalarType::Double ? 8 : 4;
   STD_CUDA_CHECK(cudaMemsetAsync(loss.mutable_data_ptr(), 0, Ma * os, stream));
-  STD_CUDA_CHECK(cudaMemsetAsync(stats.mutable_data_ptr(), 0, Ma * 4 * os, stream));
+  STD_CUDA_CHECK(cudaMemsetAsync(stats.mutable_data_ptr(), 0, Ma * kStatsColumns * 8, stream));
   int64_t a_first, a_step, na;
   anchor_list(p, a_first, a_step, na);
 
@@ -138,7 +141,7 @@ std::tuple<Tensor, Tensor> supcon_fwd_cuda(Tensor features, Tensor labels, int64
   k.ties = tie_table(p, ws, stream);
   k.a_first = a_first, k.a_step = a_step, k.na = na;
   k.loss = static_cast<float*>(loss.mutable_data_ptr());
-  k.stats = static_cast<float*>(stats.mutable_data_ptr());
+  k.stats = static_cast<double*>(stats.mutable_data_ptr());
   if (na > 0) dispatch<true>(mode_of(p.dtype, allow_tf32), label_mode_of(p), k, device, stream);
   nan_fill(loss, ws.flag(), stream);
   nan_fill(stats, ws.flag(), stream);
@@ -194,7 +197,7 @@ Tensor supcon_bwd_cuda(Tensor grad_loss, Tensor features, Tensor labels, Tensor 
                                    p.rows * p.dim * features.element_size(), stream));
   } else {
     RowInfo* info = static_cast<RowInfo*>(ws.body());
-    prep_rows(p, labels, info, static_cast<const float*>(stats.const_data_ptr()),
+    prep_rows(p, labels, info, static_cast<const double*>(stats.const_data_ptr()),
               static_cast<const float*>(grad_loss.const_data_ptr()), ws.cmax(), stream);
     Params k = base_params(p, features, labels, info, ws);
     k.ties = tie_table(p, ws, stream);

@@ -54,7 +54,7 @@ def mean_positives(labels: torch.Tensor | None, images: int, threshold: float) -
     (`modan_ext.reference`, the weighting `make_loss` uses), so this counts what the loss
     contrasts."""
     device = labels.device if labels is not None else None
-    similarity = label_similarity(labels, images, DEFAULTS.weighting, torch.float64, device)
+    similarity = label_similarity(labels, images, DEFAULTS.weighting, device)  # float64
     similar_images = (positive_weights(similarity, threshold, DEFAULTS.weighting) > 0).float().sum(1)
     return float((2 * similar_images - 1).mean())  # both views of each similar image, minus self
 
