@@ -111,13 +111,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    features, labels, stats = ctx.saved_tensors
-    grad_features = None
-    if ctx.needs_input_grad[0]:
-        grad_features = torch.ops.modan_ext.supcon_bwd(
-            grad_loss.contiguous(), features, labels, stats, *ctx.scalars)
-    return (grad_features, None) + (None,) * len(ctx.scalars)
+def backward_formula(backward_op_name: str):
+    """The autograd formula of a forward op whose features' gradient the op
+    `torch.ops.modan_ext.<backward_op_name>` computes (same arguments for every backend)."""
+    def backward(ctx, grad_loss, _grad_stats):
+        features, labels, stats = ctx.saved_tensors
+        grad_features = None
+        if ctx.needs_input_grad[0]:
+            backward_op = getattr(torch.ops.modan_ext, backward_op_name)
+            grad_features = backward_op(grad_loss.contiguous(), features, labels, stats,
+                                        *ctx.scalars)
+        return (grad_features, None) + (None,) * len(ctx.scalars)
+    return backward
+
+
+_backward = backward_formula("supcon_bwd")
 
 
 def _no_double_backward(ctx, grad):

@@ -263,15 +263,8 @@ triton_supcon_fwd = _register("modan_ext::triton_supcon_fwd", supcon_fwd)
 triton_supcon_bwd = _register("modan_ext::triton_supcon_bwd", supcon_bwd)
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    features, labels, stats = ctx.saved_tensors
-    grad_features = None
-    if ctx.needs_input_grad[0]:
-        grad_features = torch.ops.modan_ext.triton_supcon_bwd(
-            grad_loss.contiguous(), features, labels, stats, *ctx.scalars)
-    return (grad_features, None) + (None,) * len(ctx.scalars)
-
-
-# Saving the inputs and refusing double backward are the C++ ops' own (modan_ext.ops).
-triton_supcon_fwd.register_autograd(_backward, setup_context=ops._setup_context)
+# The autograd formula, saving the inputs and refusing double backward are the C++ ops' own
+# (modan_ext.ops).
+triton_supcon_fwd.register_autograd(ops.backward_formula("triton_supcon_bwd"),
+                                    setup_context=ops._setup_context)
 triton_supcon_bwd.register_autograd(ops._no_double_backward, setup_context=ops._remember_nothing)
