@@ -82,6 +82,7 @@ def test_seeds_give_mean_and_sd_over_seeds_and_pairs_averaged_over_seeds():
     assert "| AUC (mean ± sd over 2 pretraining seeds) | acl FT |" in table
     assert "| modan | **0.770 ± 0.071** |" in table and "| scratch | 0.640 |" in table
     assert "scratch: one encoder per fold, no seeds" in table
+    assert "5 pairs; a pretrained model's AUC per split is its mean over the seeds):" in table
 
 
 def test_one_seed_keeps_the_fold_sd_in_the_table():

@@ -40,8 +40,10 @@ def markdown_table(summary: list[dict], method: str, model_order: list[str]) -> 
                      "folds in summary.csv)" if single else "") + "."]
     tests = [s for s in summary if s["p_method_greater"] != ""]
     if tests:
+        averaged = "; a pretrained model's AUC per split is its mean over the seeds" \
+            if seeds > 1 else ""
         lines += ["", f"One-sided Wilcoxon signed-rank p-values, H1: {method} > baseline "
-                      f"({tests[0]['test']}, {tests[0]['test_pairs']} pairs):", "",
+                      f"({tests[0]['test']}, {tests[0]['test_pairs']} pairs{averaged}):", "",
                   "| p | " + " | ".join(f"{t} {PROTOCOL_SHORT[p]}" for t, p in columns) + " |",
                   "|---" * (len(columns) + 1) + "|"]
         for model in model_order:
