@@ -20,7 +20,7 @@ import torch
 
 from modan_ext.data.sources import load_downstream_tasks
 from modan_ext.training import cli
-from modan_ext.training.evaluation import encoders_from_checkpoints, evaluate
+from modan_ext.training.evaluation import encoders_from_checkpoints, evaluate, model_names
 from modan_ext.training.pretraining import PretrainConfig
 from modan_ext.training.report.files import write_results
 
@@ -28,7 +28,8 @@ from modan_ext.training.report.files import write_results
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", default=[], type=cli.checkpoint_spec,
-                        help="NAME=PATH (repeatable)")
+                        help="NAME=PATH (repeatable; a NAME given with several checkpoints of "
+                             "different pretraining seeds: mean ± sd over the seeds)")
     parser.add_argument("--no-scratch", action="store_true", help="leave out the scratch baseline")
     parser.add_argument("--method", default=None, help="the model tested against the others "
                                                        "(default: modan if given)")
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     # without checkpoints (scratch only): the default pretraining size
     tasks = load_downstream_tasks(cli.task_data(args), args.image_size or size or PretrainConfig.image_size)
     cfg = cli.protocol_config(args)
-    names = [e.name for e in encoders]
+    names = model_names(encoders)
     method = args.method or ("modan" if "modan" in names else names[0])
     rows = evaluate(encoders, tasks, cfg, args.protocols)
     results = write_results(rows, args.out, method, names, cfg.test_unit)

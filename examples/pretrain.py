@@ -2,6 +2,7 @@
 
     python examples/pretrain.py --loss modan --out runs/modan             # built-in synthetic data
     python examples/pretrain.py --loss simclr --out runs/simclr --resume  # continue after Ctrl-C
+    python examples/pretrain.py --loss simclr --out runs/simclr --overwrite  # start that run again
     python examples/pretrain.py --paper --data-root /data/radimagenet --out runs/modan_paper
     torchrun --nproc-per-node 8 examples/pretrain.py --paper --data-root ... --out ...
 
@@ -19,7 +20,7 @@ import torch
 
 from modan_ext.data.sources import load_pretraining_images
 from modan_ext.training import cli
-from modan_ext.training.checkpoint import CHECKPOINT_NAME
+from modan_ext.training.checkpoint import CHECKPOINT_NAME, CheckpointError
 from modan_ext.training.launch import shutdown_distributed
 from modan_ext.training.objective import LOSSES
 from modan_ext.training.pretraining import pretrain
@@ -29,7 +30,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loss", choices=LOSSES, default="modan")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, metrics, plots")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue OUT/checkpoint_last.pt (same settings, vocabulary, data)")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start afresh in an OUT that holds a checkpoint (it is deleted)")
     cli.add_data_arguments(parser)
     cli.add_training_arguments(parser)
     args = parser.parse_args(argv)
@@ -41,7 +46,10 @@ def main(argv=None) -> int:
     vocabulary = cli.label_vocabulary(args)
     image_set = load_pretraining_images(cli.pretraining_data(args), cfg.image_size, vocabulary, log)
     try:
-        summary = pretrain(image_set, vocabulary, cfg, args.out, resume=args.resume, log=log)
+        summary = pretrain(image_set, vocabulary, cfg, args.out, resume=args.resume,
+                           overwrite=args.overwrite, log=log)
+    except CheckpointError as exc:
+        raise SystemExit(f"pretrain.py: {exc}") from None
     except KeyboardInterrupt:
         if main_rank:
             print(f"\ninterrupted: the last complete epoch is in {args.out}/{CHECKPOINT_NAME}; "

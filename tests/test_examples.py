@@ -37,26 +37,39 @@ def _header(path: Path) -> list[str]:
         return next(csv.reader(fh))
 
 
-def test_main_job_writes_the_committed_set_of_files_and_resumes(tmp_path, capsys):
-    args = ["--run-dir", tmp_path / "run", "--results", tmp_path / "results",
-            *TINY_PRETRAINING, *TINY_EVALUATION]
+def test_main_job_with_seeds_writes_the_committed_set_of_files_into_its_run_folder_and_resumes(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the defaults are relative: runs/main_job/, never examples/
+    args = ["--seeds", "2", *TINY_PRETRAINING, *TINY_EVALUATION]
     assert _main("main_job.py", *args) == 0
     first = capsys.readouterr().out
-    results = tmp_path / "results"
+    results = tmp_path / "runs" / "main_job" / "results"
+    assert not (tmp_path / "examples").exists()
     assert sorted(p.name for p in results.iterdir()) == sorted(p.name for p in RESULTS.iterdir())
     for name in ("fold_aucs.csv", "summary.csv", "pretraining.csv"):
         assert _header(results / name) == _header(RESULTS / name), name
     info = json.loads((results / "run_info.json").read_text())
     assert info.keys() == json.loads((RESULTS / "run_info.json").read_text()).keys()
-    assert "--run-dir" in info["command"] and info["synthetic_data"] is True
-    assert "| modan > scratch |" in (results / "table.md").read_text()
+    assert "--seeds" in info["command"] and info["synthetic_data"] is True
+    assert info["pretraining_seeds"] == [0, 1]
+    table = (results / "table.md").read_text()
+    assert "| AUC (mean ± sd over 2 pretraining seeds) |" in table and "| modan > scratch |" in table
     assert "== downstream evaluation ==" in first and "main job done" in first
+    with open(results / "fold_aucs.csv", newline="") as fh:
+        seeds = {(row["model"], row["seed"]) for row in csv.DictReader(fh)}
+    assert seeds == {(loss, seed) for loss in ("modan", "supcon", "simclr") for seed in "01"} | \
+        {("scratch", "")}
+    for loss in ("modan", "supcon", "simclr"):
+        for seed in (0, 1):
+            assert (tmp_path / "runs" / "main_job" / loss / f"seed{seed}" / "checkpoint_last.pt").is_file()
 
     first_aucs = (results / "fold_aucs.csv").read_text()
     assert _main("main_job.py", *args) == 0  # finished runs are resumed, not retrained
     again = capsys.readouterr().out
-    assert again.count("after epoch 1") == 3 and "[modan] epoch" not in again
+    assert again.count("after epoch 1") == 6 and "[modan] epoch" not in again
     assert (results / "fold_aucs.csv").read_text() == first_aucs  # seeded: the same AUCs
+    with pytest.raises(SystemExit, match=r"main_job\.py: cannot resume .*number of images differs"):
+        _main("main_job.py", *args, "--images-per-leaf", "2")  # other data into those runs
 
 
 def test_pretrain_then_evaluate_its_checkpoint(tmp_path, capsys):
@@ -64,6 +77,10 @@ def test_pretrain_then_evaluate_its_checkpoint(tmp_path, capsys):
     assert _main("pretrain.py", "--loss", "modan", "--out", run, *TINY_PRETRAINING) == 0
     shown = capsys.readouterr().out
     assert "[modan] epoch 1/1" in shown and "'epochs_done': 1" in shown
+    with pytest.raises(SystemExit, match=r"holds a run already: .*--resume.*--overwrite"):
+        _main("pretrain.py", "--loss", "modan", "--out", run, *TINY_PRETRAINING)
+    with pytest.raises(SystemExit, match=r"pretrain\.py: nothing to resume"):
+        _main("pretrain.py", "--out", tmp_path / "empty", "--resume", *TINY_PRETRAINING)
     for name in ("checkpoint_last.pt", "metrics.csv", "config.json", "vocabulary.json",
                  "loss_curve.png", "embedding.png", "embedding.csv", "embedding_knn.json"):
         assert (run / name).is_file(), name
@@ -77,12 +94,17 @@ def test_pretrain_then_evaluate_its_checkpoint(tmp_path, capsys):
     with open(out / "fold_aucs.csv") as fh:
         models = {row["model"] for row in csv.DictReader(fh)}
     assert models == {"modan", "scratch"}
+    with pytest.raises(SystemExit, match="are both 'modan' with pretraining seed 0"):
+        _main("evaluate.py", "--checkpoint", f"modan={run / 'checkpoint_last.pt'}",
+              "--checkpoint", f"modan={run / 'checkpoint_last.pt'}", "--out", out, *TINY_EVALUATION)
 
 
 @pytest.mark.parametrize("script, args, message", [
     ("evaluate.py", ["--checkpoint", "no_name.pt"], "expected NAME=PATH"),
     ("pretrain.py", ["--field-columns", "modality"], "field=column pairs"),
     ("main_job.py", ["--stem", "5x5"], "invalid choice"),
+    ("main_job.py", ["--seeds", "0"], "--seeds must be at least 1"),
+    ("pretrain.py", ["--resume", "--overwrite"], "not allowed with argument"),
 ])
 def test_bad_arguments_are_usage_errors(tmp_path, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -107,6 +107,39 @@ def test_json_round_trip_keeps_columns_synonyms_and_policy(tmp_path):
         LabelVocabulary.from_dict({**data, "version": 99})
 
 
+HEAD = '{"format": "modan_ext.LabelVocabulary", "version": 1, '
+
+
+@pytest.mark.parametrize("text, problem", [
+    (HEAD + '"fields": [{"name": "modality", "values": ["CT"]}]',  # cut short
+     r"Expecting ',' delimiter: line 1 column \d+"),
+    ('["modality", "anatomy"]', "a vocabulary is a JSON object; got list"),
+    (HEAD + '"field": []}', "'fields' must be a list"),
+    (HEAD + '"fields": [{"name": "modality"}]}', r"fields\[0\] must be \{\"name\": string"),
+    (HEAD + '"fields": [{"name": "m", "values": "CT"}]}', r"fields\[0\] must be"),
+    (HEAD + '"fields": [{"name": "m", "values": ["CT"]}, {"name": "m", "values": ["MR"]}]}',
+     r"fields\[1\]: field 'm' appears twice"),
+    (HEAD + '"fields": [{"name": "m", "values": ["CT"]}], "synonyms": ["CT"]}',
+     "'synonyms' must be"),
+    (HEAD + '"fields": [{"name": "m", "values": ["CT"]}], "synonyms": {"m": {"CAT": "PET"}}}',
+     "'PET' is not one of"),
+    (HEAD + '"fields": [{"name": "m", "values": ["CT"]}], "unknown": "skip"}', "unknown must be"),
+])
+def test_a_malformed_vocabulary_file_is_named_with_the_problem(tmp_path, text, problem):
+    path = tmp_path / "my_vocabulary.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"my_vocabulary\.json: not a valid label vocabulary: "
+                                         rf".*{problem}"):
+        LabelVocabulary.load(path)
+
+
+def test_a_vocabulary_file_not_in_utf8_is_named(tmp_path):
+    path = tmp_path / "latin.json"
+    path.write_bytes((HEAD + '"fields": [{"name": "m", "values": ["\xe9"]}]}').encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.json: not a valid label vocabulary: .*utf-8"):
+        LabelVocabulary.load(path)
+
+
 def test_encode_many_names_the_failing_record_and_field_index_works():
     vocab = paper_vocabulary()
     rows = vocab.encode_many([{"modality": "CT", "anatomy": "lung"}, {"modality": "US", "anatomy": "thyroid"}])

@@ -1,5 +1,6 @@
 """Pretraining loop: one tiny step per loss, exact resume, interruption, checkpoint format,
-progress output."""
+run folders that are refused (a run already there, nothing to resume, other data or vocabulary),
+unreadable checkpoints, progress output."""
 import csv
 import io
 import sys
@@ -114,7 +115,7 @@ def test_interrupt_mid_epoch_loses_only_that_epoch(tmp_path, tiny_set, monkeypat
 def test_resume_refuses_a_different_config(tmp_path, tiny_set, change):
     vocab = paper_vocabulary()
     pretraining.pretrain(tiny_set, vocab, _config(epochs=1), tmp_path, log=_quiet, progress=False)
-    with pytest.raises(ValueError, match=f"config differs.*{next(iter(change))}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"config differs.*{next(iter(change))}"):
         pretraining.pretrain(tiny_set, vocab, _config(epochs=1, **change), tmp_path, resume=True,
                              log=_quiet, progress=False)
 
@@ -181,6 +182,103 @@ def test_a_bad_chunk_size_is_refused_by_the_config(chunk_size):
     with pytest.raises(ValueError, match=r"chunk_size must be 0 \(the plain step\) or an even "
                                          r"number of rows.*got"):
         _config(chunk_size=chunk_size)
+
+
+def _epoch_and_history(path):
+    ckpt = _weights(path)
+    return ckpt["epoch"], len(ckpt["history"])
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_set):
+    vocab = paper_vocabulary()
+    pretraining.pretrain(tiny_set, vocab, _config(), tmp_path, log=_quiet, progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint_last\.pt holds a run already: "
+                                                         r"continue it with resume=True"):
+        pretraining.pretrain(tiny_set, vocab, _config(epochs=1), tmp_path, log=_quiet, progress=False)
+    assert _epoch_and_history(tmp_path) == (2, 2)  # the 2-epoch run is still there
+    pretraining.pretrain(tiny_set, vocab, _config(epochs=1), tmp_path, overwrite=True, log=_quiet,
+                         progress=False)
+    assert _epoch_and_history(tmp_path) == (1, 1)  # a fresh run, as asked
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        pretraining.pretrain(tiny_set, vocab, _config(), tmp_path, resume=True, overwrite=True,
+                             log=_quiet, progress=False)
+
+
+def test_resume_into_a_folder_without_a_checkpoint_is_refused(tmp_path, tiny_set):
+    with pytest.raises(checkpoint.CheckpointError, match=r"nothing to resume: .*checkpoint_last\.pt"):
+        pretraining.pretrain(tiny_set, paper_vocabulary(), _config(), tmp_path / "new", resume=True,
+                             log=_quiet, progress=False)
+    assert not (tmp_path / "new" / checkpoint.CHECKPOINT_NAME).exists()
+
+
+def test_resume_refuses_another_vocabulary_or_other_data(tmp_path, tiny_set):
+    vocab = paper_vocabulary()
+    pretraining.pretrain(tiny_set, vocab, _config(epochs=2), tmp_path, stop_after_epochs=1,
+                         log=_quiet, progress=False)
+    saved_vocabulary = (tmp_path / "vocabulary.json").read_text()
+    wider = paper_vocabulary(unknown="zeros").with_field("view", ["axial", "sagittal"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"label vocabulary differs \(columns "
+                                                         r"\[.*anatomy:thyroid'\] then, .*view:sagittal'\] now"):
+        pretraining.pretrain(tiny_set, wider, _config(), tmp_path, resume=True, log=_quiet,
+                             progress=False)
+    with pytest.raises(checkpoint.CheckpointError, match="same columns, other synonyms"):
+        pretraining.pretrain(tiny_set, paper_vocabulary(unknown="zeros"), _config(), tmp_path,
+                             resume=True, log=_quiet, progress=False)
+    other_images = synthetic.make_pretraining_set(images_per_leaf=1, size=32, seed=1)
+    with pytest.raises(checkpoint.CheckpointError, match=r"images or labels \(data digest\) differs"):
+        pretraining.pretrain(other_images, vocab, _config(), tmp_path, resume=True, log=_quiet,
+                             progress=False)
+    more_images = synthetic.make_pretraining_set(images_per_leaf=2, size=32, seed=0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"number of images differs \(33 then, 66 now\)"):
+        pretraining.pretrain(more_images, vocab, _config(), tmp_path, resume=True, log=_quiet,
+                             progress=False)
+    assert (tmp_path / "vocabulary.json").read_text() == saved_vocabulary  # nothing rewritten
+    assert _epoch_and_history(tmp_path) == (1, 1)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (lambda good: good[: len(good) // 2], "not a readable checkpoint, truncated or corrupt"),
+    (lambda good: good[:100], "failed finding central directory"),
+    (lambda good: b"", "EOFError"),
+    (lambda good: b"hello, world", "KeyError"),
+])
+def test_a_truncated_or_corrupt_checkpoint_is_named(tmp_path, tiny_set, content, problem):
+    vocab = paper_vocabulary()
+    pretraining.pretrain(tiny_set, vocab, _config(epochs=1), tmp_path, log=_quiet, progress=False)
+    path = tmp_path / checkpoint.CHECKPOINT_NAME
+    path.write_bytes(content(path.read_bytes()))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint_last\.pt: .*{problem}"):
+        checkpoint.encoder_from_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint_last\.pt: .*{problem}"):
+        pretraining.pretrain(tiny_set, vocab, _config(), tmp_path, resume=True, log=_quiet,
+                             progress=False)
+
+
+def test_a_checkpoint_of_another_kind_is_named(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "state_dict.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"state_dict\.pt: not a modan_ext "
+                                                         r"pretraining checkpoint .*\['model', 'config'\]"):
+        checkpoint.encoder_from_checkpoint(tmp_path / "state_dict.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"list\.pt: not a modan_ext"):
+        checkpoint.load_checkpoint(tmp_path / "list.pt")
+    torch.save({"model": {}, "config": {}, "epoch": 1}, tmp_path / "older.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"older\.pt: .* lacks \['optimizer'"):
+        checkpoint.load_checkpoint(tmp_path / "older.pt", required=checkpoint.RESUME_KEYS)
+    with pytest.raises(checkpoint.CheckpointError, match=r"older\.pt: its model holds no 'encoder"):
+        checkpoint.encoder_from_checkpoint(tmp_path / "older.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_still_load_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"model": Payload(), "config": {}}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"evil\.pt: .*weights_only .*UnpicklingError"):
+        checkpoint.load_checkpoint(tmp_path / "evil.pt")
 
 
 def test_views_are_reproducible_and_different():

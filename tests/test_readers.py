@@ -1,5 +1,6 @@
 """Readers: RadImageNet tree and split CSVs, generic CSV, DICOM headers (pydicom's own sample
-files), downstream fold CSVs; path checks and error messages."""
+files, renamed and truncated copies), downstream fold CSVs; path checks, sources without images,
+and error messages that name the file (and row)."""
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ from modan_ext.data.metadata import UnknownValueError, paper_vocabulary
 from modan_ext.data.readers import (load_downstream_task, read_any, read_dicom_headers,
                                     read_fold_csvs, read_metadata_csv,
                                     read_radimagenet_split_csv, read_radimagenet_tree, us_anatomy)
-from modan_ext.data.records import MetadataReadError, resolve_image_path
+from modan_ext.data.records import (ImageReadError, MetadataReadError, NoImagesError,
+                                    resolve_image_path)
 
 
 def _png(path: Path, value: int = 128, size: int = 8) -> None:
@@ -127,6 +129,73 @@ def test_resolve_image_path_without_root_accepts_absolute(tmp_path):
         resolve_image_path("a\x00b", tmp_path, "here")
 
 
+def test_tree_refuses_a_file_symlink_out_of_the_root_like_the_csv_readers(radimagenet, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.png"
+    _png(outside)
+    link = radimagenet / "radiology_ai" / "CT" / "abd" / "normal" / "link.png"
+    link.symlink_to(outside)
+    with pytest.raises(MetadataReadError, match=r"link\.png: path .* leaves the root folder"):
+        read_radimagenet_tree(radimagenet)
+    csv_path = radimagenet / "RadiologyAI_train.csv"
+    csv_path.write_text("filename,label\nradiology_ai/CT/abd/normal/link.png,x\n")
+    with pytest.raises(MetadataReadError, match="row 2: path .* leaves the root folder"):
+        read_radimagenet_split_csv(csv_path)
+    link.unlink()
+    link.symlink_to(radimagenet / "radiology_ai" / "CT" / "abd" / "normal" / "a.png")
+    inside = {Path(r.source).name: r.path for r in read_radimagenet_tree(radimagenet)}
+    assert inside["link.png"] == inside["a.png"]  # a link inside the root is followed
+
+
+def test_sources_without_images_say_so_at_read_time_naming_them(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoImagesError, match=r"empty: no images: .*no files at all.*RadImageNet"):
+        read_any(tmp_path / "empty")
+    _png(tmp_path / "pngs" / "a.png")  # images, but no CT/MR/US folders
+    with pytest.raises(NoImagesError, match=r"pngs: no images: no DICOM files in it "
+                                            r"\(1 other files: a\.png\).*no CT/, MR/, US/"):
+        read_any(tmp_path / "pngs")
+    (tmp_path / "tree" / "MR" / "knee" / "acl").mkdir(parents=True)
+    with pytest.raises(NoImagesError, match=r"tree: no images: no files with extensions"):
+        read_any(tmp_path / "tree")
+    for name, header in (("meta.csv", "path,modality,anatomy"), ("split.csv", "filename,label")):
+        (tmp_path / name).write_text(header + "\n\n")
+        with pytest.raises(NoImagesError, match=rf"{name}: no images: .* header and no rows"):
+            read_any(tmp_path / name)
+    task = _fold_task(tmp_path)
+    (task / "dataframe" / "thyroid_test_fold2.csv").write_text("img_dir,label\n")
+    with pytest.raises(NoImagesError, match=r"thyroid_test_fold2\.csv: no images"):
+        read_fold_csvs(task)
+
+
+@pytest.mark.parametrize("reader", ["metadata", "split", "folds", "any"])
+def test_a_csv_not_in_utf8_is_named_with_its_line(tmp_path, reader):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    if reader == "folds":
+        task = _fold_task(tmp_path)
+        path = task / "dataframe" / "thyroid_train_fold1.csv"
+        path.write_bytes("img_dir,label\nimages/1.png,benign\nimages/caf\xe9.png,benign\n"
+                         .encode("latin-1"))
+        call = lambda: read_fold_csvs(task)  # noqa: E731
+    else:
+        header = "filename,label" if reader == "split" else "path,modality,anatomy"
+        path = tmp_path / "latin.csv"
+        path.write_bytes(f"{header}\na.png,CT,abd\nb.png,CT,abdom\xe9n\n".encode("latin-1"))
+        call = {"metadata": lambda: read_metadata_csv(path),
+                "split": lambda: read_radimagenet_split_csv(path),
+                "any": lambda: read_any(path)}[reader]
+    with pytest.raises(MetadataReadError, match=r"\.csv, line 3: not UTF-8 text \(byte 0xe9"):
+        call()
+
+
+def test_an_unreadable_image_is_named_with_the_row_that_listed_it(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (tmp_path / "meta.csv").write_text("path,modality,anatomy\nbroken.png,CT,abd\n")
+    records = read_metadata_csv(tmp_path / "meta.csv")
+    with pytest.raises(ImageReadError, match=r"meta\.csv, row 2: .*broken\.png: cannot read"):
+        load_image_set(records, 8)
+
+
 # ---- DICOM: the real sample files that pydicom ships ------------------------------------------
 
 try:
@@ -181,6 +250,59 @@ def test_dicom_folder_scan_and_edited_header(tmp_path):
     assert load_grayscale(str(tmp_path / "knee.dcm"), 16).shape == (16, 16)
 
 
+def _ct(path: Path, keep_bytes: int | None = None) -> Path:
+    """CT_small.dcm copied to `path`, cut after `keep_bytes` bytes."""
+    data = Path(_sample("CT_small.dcm")).read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[:keep_bytes])
+    return path
+
+
+@needs_pydicom
+def test_dicom_files_named_by_uid_or_without_extension_are_read_and_loaded(tmp_path):
+    uid = _ct(tmp_path / "study" / "1.2.840.113619.2.55.3.604688.320")
+    shutil.copy(_sample("MR_small.dcm"), tmp_path / "study" / "IM0001")
+    (tmp_path / "study" / "notes.txt").write_text("scanned on Tuesday")
+    shutil.copy(_sample("dicomdirtests/DICOMDIR"), tmp_path / "study" / "DICOMDIR")
+    messages = []
+    records = read_any(tmp_path / "study", log=messages.append)
+    assert [(Path(r.path).name, r.fields["modality"]) for r in records] == \
+        [(uid.name, "CT"), ("IM0001", "MR")]
+    assert messages == [f"{tmp_path / 'study'}: skipped 2 files that are not DICOM images (no "
+                        "'DICM' marker at byte 128, or the DICOMDIR index): DICOMDIR, notes.txt"]
+    images = load_image_set(records, 16).images  # pixels through pydicom, not PIL
+    assert images.shape == (2, 1, 16, 16)
+    assert np.array_equal(images[1, 0].numpy(), load_grayscale(_sample("MR_small.dcm"), 16))
+
+
+@needs_pydicom
+@pytest.mark.parametrize("keep_bytes, message", [
+    (1000, r"no pixel data: a truncated file, or a DICOM object that is not an image "
+           r"\(SOP class 'CT Image Storage'"),            # cut inside the header
+    (38000, r"truncated: its pixel data needs 32768 bytes from byte 6300, the file ends at "
+            r"byte 38000"),                                 # cut inside the pixel data
+])
+def test_a_truncated_dicom_raises_naming_the_file(tmp_path, keep_bytes, message):
+    cut = _ct(tmp_path / "scans" / "1.2.3.4", keep_bytes)
+    with pytest.raises(MetadataReadError, match=rf"1\.2\.3\.4: {message}"):
+        read_dicom_headers(tmp_path / "scans")
+    with pytest.raises(MetadataReadError, match=message):  # an explicit file, too
+        read_dicom_headers(cut)
+    zeros = paper_vocabulary(unknown="zeros")  # it never becomes an all-zero label row
+    with pytest.raises(MetadataReadError, match=message):
+        zeros.encode_many([r.fields for r in read_any(tmp_path / "scans")])
+
+
+@needs_pydicom
+def test_dicom_pixel_data_that_cannot_be_decoded_names_the_file(tmp_path):
+    dataset = pydicom.dcmread(_sample("CT_small.dcm"))
+    dataset.Rows = 4 * dataset.Rows  # the header promises more pixels than the data holds
+    dataset.save_as(tmp_path / "IM7")
+    assert [Path(r.path).name for r in read_dicom_headers(tmp_path)] == ["IM7"]
+    with pytest.raises(ImageReadError, match=r"IM7: cannot read the image's pixels \("):
+        load_grayscale(str(tmp_path / "IM7"), 16)
+
+
 @needs_pydicom
 def test_non_dicom_and_missing_files_are_named(tmp_path):
     bogus = tmp_path / "fake.dcm"
@@ -189,6 +311,11 @@ def test_non_dicom_and_missing_files_are_named(tmp_path):
         read_dicom_headers(bogus)
     with pytest.raises(MetadataReadError, match="not found"):
         read_dicom_headers(tmp_path / "nope.dcm")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.move(bogus, folder / "fake.dcm")  # named as DICOM in a folder: not skipped
+    with pytest.raises(MetadataReadError, match=r"fake\.dcm: not a readable DICOM file \(no 'DICM'"):
+        read_dicom_headers(folder)
 
 
 # ---- downstream folds --------------------------------------------------------------------------

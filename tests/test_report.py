@@ -18,7 +18,8 @@ def _committed_fold_rows() -> list[dict]:
     rows = files.read_csv(RESULTS / "fold_aucs.csv")
     for row in rows:
         row.update(repeat=int(row["repeat"]), fold=int(row["fold"]), auc=float(row["auc"]),
-                   val_auc=float(row["val_auc"]), best_epoch=int(row["best_epoch"]))
+                   val_auc=float(row["val_auc"]), best_epoch=int(row["best_epoch"]),
+                   seed=int(row["seed"]) if row["seed"] else "")
     return rows
 
 
@@ -56,6 +57,42 @@ def test_committed_summary_and_tables_are_reproduced_from_the_fold_aucs(tmp_path
     assert comparison == (RESULTS / "comparison.md").read_text()
 
 
+def _seeded_rows():
+    """modan pretrained with seeds 0 and 1 (AUC 0.8 and 0.7 + 0.01 fold), scratch without seeds."""
+    rows = []
+    for fold in range(5):
+        for seed, base in ((0, 0.8), (1, 0.7)):
+            rows.append({"task": "acl", "protocol": "finetune", "model": "modan", "seed": seed,
+                         "repeat": 0, "fold": fold, "auc": base + 0.01 * fold})
+        rows.append({"task": "acl", "protocol": "finetune", "model": "scratch", "seed": "",
+                     "repeat": 0, "fold": fold, "auc": 0.6 + 0.02 * fold})
+    return rows
+
+
+def test_seeds_give_mean_and_sd_over_seeds_and_pairs_averaged_over_seeds():
+    cells = {s["model"]: s for s in summary.summarise(_seeded_rows(), "modan")}
+    modan, scratch = cells["modan"], cells["scratch"]
+    assert modan["mean_auc"] == pytest.approx(0.77) and modan["n_seeds"] == 2
+    assert modan["sd_seeds"] == pytest.approx(0.1 / np.sqrt(2), abs=1e-4)  # sd of (0.82, 0.72)
+    assert modan["n_folds"] == 5 and modan["sd_auc"] == pytest.approx(np.std([0.75, 0.76, 0.77, 0.78, 0.79], ddof=1), abs=1e-4)
+    assert scratch["n_seeds"] == 1 and scratch["sd_seeds"] == ""
+    # pairs per fold of the seed means: 0.75 + 0.01k vs 0.6 + 0.02k, all positive: p = 1/32
+    assert scratch["test_pairs"] == 5 and scratch["p_method_greater"] == pytest.approx(1 / 32)
+    table = tables.markdown_table(list(cells.values()), "modan", ["modan", "scratch"])
+    assert "| AUC (mean ± sd over 2 pretraining seeds) | acl FT |" in table
+    assert "| modan | **0.770 ± 0.071** |" in table and "| scratch | 0.640 |" in table
+    assert "scratch: one encoder per fold, no seeds" in table
+    assert "5 pairs; a pretrained model's AUC per split is its mean over the seeds):" in table
+
+
+def test_one_seed_keeps_the_fold_sd_in_the_table():
+    rows = [r for r in _seeded_rows() if r["seed"] != 1]
+    cells = summary.summarise(rows, "modan")
+    table = tables.markdown_table(cells, "modan", ["modan", "scratch"])
+    assert "| AUC (mean ± sd) |" in table and "| modan | **0.820 ± 0.016** |" in table
+    assert "| scratch | 0.640 ± 0.032 |" in table and "seeds" not in table
+
+
 def test_comparison_uses_the_papers_rows_and_only_present_columns():
     cells = summary.summarise(_rows(0.8, 0.7), "modan")
     text = paper.comparison_markdown(cells)
@@ -79,10 +116,10 @@ def test_markdown_table_marks_missing_cells_and_bolds_the_best():
 
 
 def test_pretraining_rows_keep_run_order_and_blank_missing_values():
-    rows = summary.pretraining_rows({"simclr": {"epochs_done": 2, "final_loss": 1.5, "knn5_leaf": 0.3},
-                                     "modan": {"epochs_done": 2}})
-    assert [r["loss"] for r in rows] == ["simclr", "modan"]
-    assert list(rows[0]) == ["loss", *summary.PRETRAINING_KEYS]
+    rows = summary.pretraining_rows({("simclr", 0): {"epochs_done": 2, "final_loss": 1.5, "knn5_leaf": 0.3},
+                                     ("modan", 3): {"epochs_done": 2}})
+    assert [(r["loss"], r["seed"]) for r in rows] == [("simclr", 0), ("modan", 3)]
+    assert list(rows[0]) == ["loss", "seed", *summary.PRETRAINING_KEYS]
     assert rows[0]["knn5_leaf"] == 0.3 and rows[1]["final_loss"] == ""
 
 
@@ -100,12 +137,15 @@ def test_run_info_records_settings_and_machine(tmp_path):
     from modan_ext.training.evaluation import ProtocolConfig
     from modan_ext.training.pretraining import PretrainConfig
     files.write_run_info(tmp_path / "run_info.json", "main_job.py --epochs 1", True, {"total_s": 1.0},
-                         {"modan": PretrainConfig(epochs=1)}, ProtocolConfig())
+                         {"modan": PretrainConfig(epochs=1)}, ProtocolConfig(), [0, 1, 2])
     import json
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["command"] == "main_job.py --epochs 1" and info["synthetic_data"] is True
     assert info["pretrain_configs"]["modan"]["epochs"] == 1 and info["protocol"]["repeats"] == 1
     assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
+    # what bit-identical results depend on: the CPU's kernels and the thread count
+    assert info["cpu"] and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["pretraining_seeds"] == [0, 1, 2]
 
 
 def test_task_sheet_rows_are_negatives_then_positives():
@@ -148,4 +188,5 @@ def test_plots_are_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_pa
 def test_committed_fold_file_has_the_documented_columns():
     with open(RESULTS / "fold_aucs.csv") as fh:
         header = next(csv.reader(fh))
-    assert header == ["task", "protocol", "model", "repeat", "fold", "auc", "val_auc", "best_epoch"]
+    assert header == ["task", "protocol", "model", "seed", "repeat", "fold", "auc", "val_auc",
+                      "best_epoch"]

@@ -217,13 +217,33 @@ class LabelVocabulary:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "LabelVocabulary":
+        """The vocabulary `to_dict` wrote; a malformed one raises `ValueError` naming the entry."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a vocabulary is a JSON object; got {type(data).__name__}")
         if data.get("format") != "modan_ext.LabelVocabulary":
             raise ValueError("not a modan_ext label vocabulary (missing 'format' marker)")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"vocabulary format version {data.get('version')} is not supported "
                              f"(this code reads version {FORMAT_VERSION})")
-        fields = {f["name"]: f["values"] for f in data["fields"]}
-        return cls(fields, data.get("synonyms", {}), data.get("unknown", "error"))
+        entries = data.get("fields")
+        if not isinstance(entries, list):
+            raise ValueError("'fields' must be a list of {\"name\": ..., \"values\": [...]} objects")
+        fields = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or \
+                    not isinstance(entry.get("values"), list) or \
+                    not all(isinstance(v, str) for v in entry["values"]):
+                raise ValueError(f"fields[{i}] must be {{\"name\": string, \"values\": [strings]}}; "
+                                 f"got {entry!r}")
+            if entry["name"] in fields:
+                raise ValueError(f"fields[{i}]: field {entry['name']!r} appears twice")
+            fields[entry["name"]] = entry["values"]
+        synonyms = data.get("synonyms", {})
+        if not isinstance(synonyms, Mapping) or not all(
+                isinstance(t, Mapping) and all(isinstance(r, str) and isinstance(v, str)
+                                               for r, v in t.items()) for t in synonyms.values()):
+            raise ValueError("'synonyms' must be {field: {raw string: value string}}")
+        return cls(fields, synonyms, data.get("unknown", "error"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -238,8 +258,14 @@ class LabelVocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LabelVocabulary":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_json(fh.read())
+        """A vocabulary JSON file; a malformed one raises `ValueError` naming the file (and the
+        line and column of a JSON syntax error)."""
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            return cls.from_json(data.decode("utf-8"))
+        except (ValueError, TypeError) as exc:  # JSON syntax, UTF-8, structure, values
+            raise ValueError(f"{path}: not a valid label vocabulary: {exc}") from exc
 
 
 def paper_vocabulary(unknown: str = "error") -> LabelVocabulary:

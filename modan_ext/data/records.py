@@ -14,6 +14,14 @@ class MetadataReadError(ValueError):
     """A record that cannot be read: the message names the file (and CSV row)."""
 
 
+class NoImagesError(MetadataReadError):
+    """A source (folder, CSV) that lists no images: the message names it."""
+
+
+class ImageReadError(MetadataReadError):
+    """An image file whose pixels cannot be read: the message names it."""
+
+
 @dataclass
 class ImageRecord:
     """One image: where it is, its metadata fields, its leaf class, and where that came from."""

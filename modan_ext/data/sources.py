@@ -71,7 +71,7 @@ def load_pretraining_images(source: PretrainingData, image_size: int, vocabulary
     """The pretraining images at `image_size` px, real or synthetic."""
     if source.root:
         records = read_any(source.root, source.path_column, source.field_columns,
-                           source.leaf_column, source.us_fallback)
+                           source.leaf_column, source.us_fallback, log)
         vocabulary.encode_many([r.fields for r in records], [r.source for r in records])
         log(f"reading {len(records)} images from {source.root} at {image_size} px")
         return load_image_set(records, image_size)

@@ -65,22 +65,32 @@ class ProtocolConfig:
 
 @dataclass
 class Encoder:
-    """A model to evaluate: a name, its encoder weights (None: scratch) and its stem."""
+    """A model to evaluate: a name, its encoder weights (None: scratch), its stem, and the
+    pretraining seed (None: scratch). Encoders of one name and several seeds are one model whose
+    spread over pretraining seeds the report gives."""
 
     name: str
     state: dict | None
     stem: str = "7x7"
+    seed: int | None = None
 
 
 def encoders_from_checkpoints(checkpoints: list[tuple[str, str | os.PathLike]],
                               scratch: bool = True) -> tuple[list[Encoder], int | None]:
     """The encoders of pretraining checkpoints [(name, path)], plus a randomly initialised
     "scratch" encoder (with the checkpoints' stem); and the image size they were trained at
-    (None without checkpoints). Checkpoints trained at different sizes are refused."""
-    encoders, sizes, stems = [], set(), set()
+    (None without checkpoints). A name given several times is one model pretrained with
+    several seeds. Checkpoints trained at different sizes, and two of one name and seed, are
+    refused."""
+    encoders, sizes, stems, seen = [], set(), set(), {}
     for name, path in checkpoints:
         state, config = encoder_from_checkpoint(path)
-        encoders.append(Encoder(name, state, config["stem"]))
+        key = (name, config.get("seed"))
+        if key in seen:
+            raise ValueError(f"checkpoints {seen[key]} and {path} are both {name!r} with "
+                             f"pretraining seed {key[1]}: give them different names")
+        seen[key] = path
+        encoders.append(Encoder(name, state, config["stem"], config.get("seed")))
         sizes.add(config["image_size"])
         stems.add(config["stem"])
     if len(sizes) > 1:
@@ -88,6 +98,11 @@ def encoders_from_checkpoints(checkpoints: list[tuple[str, str | os.PathLike]],
     if scratch:
         encoders.append(Encoder("scratch", None, stems.pop() if len(stems) == 1 else "7x7"))
     return encoders, (sizes.pop() if sizes else None)
+
+
+def model_names(encoders: list[Encoder]) -> list[str]:
+    """The models among `encoders`, in order, each once (a model may have several seeds)."""
+    return list(dict.fromkeys(e.name for e in encoders))
 
 
 def _scores(logits: torch.Tensor) -> np.ndarray:
@@ -197,10 +212,12 @@ def evaluate(encoders: list[Encoder], tasks: list[DownstreamTask], cfg: Protocol
                             result = finetune_fold(enc.state, enc.stem, task, fold, cfg, seed, device)
                         aucs.append(result["auc"])
                         rows.append({"task": task.name, "protocol": protocol, "model": enc.name,
+                                     "seed": "" if enc.seed is None else enc.seed,
                                      "repeat": repeat, "fold": k, "auc": round(result["auc"], 6),
                                      "val_auc": round(result["val_auc"], 6),
                                      "best_epoch": result["best_epoch"]})
-                log(f"{task.name:>8} {PROTOCOL_SHORT[protocol]} {enc.name:>8}: AUC "
+                of_seed = "" if enc.seed is None else f" seed {enc.seed}"
+                log(f"{task.name:>8} {PROTOCOL_SHORT[protocol]} {enc.name:>8}{of_seed}: AUC "
                     f"{np.mean(aucs):.3f} ± {np.std(aucs, ddof=1) if len(aucs) > 1 else 0:.3f} "
                     f"({len(aucs)} folds, {time.perf_counter() - started:.0f} s)")
     return rows

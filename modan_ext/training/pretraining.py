@@ -29,8 +29,9 @@ from ..data.records import ImageSet
 from ..options import DEFAULTS
 from .augment import epoch_generator, two_views
 from .cached import cached_contrastive_backward
-from .checkpoint import (CHECKPOINT_NAME, check_resumable, load_checkpoint, restore_training_state,
-                         rng_state, save_checkpoint)
+from .checkpoint import (CHECKPOINT_NAME, RESUME_KEYS, check_resumable, check_run_folder,
+                         data_digest, load_checkpoint, restore_training_state, rng_state,
+                         save_checkpoint)
 from .embedding import embedding_map
 from .launch import barrier, init_distributed, mean_over_ranks, shard_indices
 from .model import STEMS, ContrastiveModel
@@ -102,12 +103,16 @@ def batch_description(cfg: PretrainConfig, world_size: int) -> str:
 
 
 def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConfig,
-             out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
-             stop_after_epochs: int | None = None, log=print, progress: bool = True) -> dict:
+             out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+             device: str | None = None, stop_after_epochs: int | None = None, log=print,
+             progress: bool = True) -> dict:
     """Pretrain on `image_set`; write checkpoints, ``metrics.csv``, plots into `out_dir`.
 
     Args:
-        resume: continue from ``out_dir/checkpoint_last.pt`` if it exists (the config must match).
+        resume: continue from ``out_dir/checkpoint_last.pt``, which must exist and come from the
+            same config (apart from `checkpoint.RESUMABLE_CHANGES`), vocabulary and data.
+        overwrite: start afresh in a folder that holds a checkpoint (its checkpoint is deleted
+            first); without it (or `resume`) such a folder is refused.
         stop_after_epochs: stop after this many epochs *of this call* (tests; a planned stop).
         progress: a progress bar on a terminal; elsewhere (a CI log) one line per epoch.
     Returns:
@@ -132,13 +137,20 @@ def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConf
     start_epoch, history = 0, []
     ckpt_path = out / CHECKPOINT_NAME
     config_dict = asdict(cfg)
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resumable(dict(ckpt["config"]), config_dict, ckpt_path)
+    # what the run trains on: a resume under other data or another vocabulary is refused
+    data = {"images": len(image_set), "world_size": dist.world_size,
+            "sha256": data_digest(image_set.images, labels.multi_hot, labels.leaf_ids)}
+    check_run_folder(ckpt_path, resume, overwrite)
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, map_location=device, required=RESUME_KEYS)
+        check_resumable(ckpt, config_dict, vocabulary.to_json(), data, ckpt_path)
         start_epoch, history = restore_training_state(ckpt, model, optimizer, scheduler, scaler)
         if dist.main:
             log(f"resumed {ckpt_path} after epoch {start_epoch}")
+    barrier(dist)  # every rank has checked the folder before rank 0 changes it
     if dist.main:
+        if overwrite:
+            ckpt_path.unlink(missing_ok=True)  # a crash before epoch 1 must not resurrect it
         vocabulary.save(out / "vocabulary.json")
         with open(out / "config.json", "w", encoding="utf-8") as fh:
             json.dump(config_dict, fh, indent=2)
@@ -206,7 +218,7 @@ def pretrain(image_set: ImageSet, vocabulary: LabelVocabulary, cfg: PretrainConf
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                              "epoch": epoch + 1, "rng": rng_state(), "config": config_dict,
                              "history": history, "vocabulary": vocabulary.to_json(),
-                             "leaf_names": labels.leaf_names}, ckpt_path)
+                             "data": data, "leaf_names": labels.leaf_names}, ckpt_path)
             write_csv(history, out / "metrics.csv")
         barrier(dist)
 

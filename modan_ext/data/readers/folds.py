@@ -2,7 +2,6 @@
 ``<task>/dataframe/[<prefix>_]{train,val,test}_fold<k>.csv``, loaded once into memory."""
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 
 from ..images import load_grayscale
 from ..records import DownstreamTask, MetadataReadError, resolve_image_path
+from .table import csv_rows
 
 POSITIVE_WORDS = ("yes", "malignant", "1", "true", "positive", "abnormal", "tear")
 NEGATIVE_WORDS = ("no", "benign", "0", "false", "negative", "normal", "intact")
@@ -29,29 +29,26 @@ class FoldFiles:
 
 
 def _read_fold_csv(path: Path, root: Path, positive, negative, must_exist):
-    paths, targets = [], []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if not header or len(header) < 2:
+    def check(header):
+        if len(header) < 2:
             raise MetadataReadError(f"{path}: expected a header with a path column and a label "
                                     f"column (e.g. 'filename,label'); got {header}")
-        for number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise MetadataReadError(f"{path}, row {number}: expected 2 cells, got {row}")
-            where = f"{path}, row {number}"
-            word = row[1].strip().lower()
-            if word in positive:
-                target = 1
-            elif word in negative:
-                target = 0
-            else:
-                raise MetadataReadError(f"{where}: label {row[1]!r} is neither positive "
-                                        f"{sorted(positive)} nor negative {sorted(negative)}")
-            paths.append(resolve_image_path(row[0], root, where, must_exist))
-            targets.append(target)
+
+    paths, targets = [], []
+    for number, row in csv_rows(path, check)[1]:
+        if len(row) < 2:
+            raise MetadataReadError(f"{path}, row {number}: expected 2 cells, got {row}")
+        where = f"{path}, row {number}"
+        word = row[1].strip().lower()
+        if word in positive:
+            target = 1
+        elif word in negative:
+            target = 0
+        else:
+            raise MetadataReadError(f"{where}: label {row[1]!r} is neither positive "
+                                    f"{sorted(positive)} nor negative {sorted(negative)}")
+        paths.append(resolve_image_path(row[0], root, where, must_exist))
+        targets.append(target)
     return paths, np.asarray(targets, dtype=np.int64)
 
 

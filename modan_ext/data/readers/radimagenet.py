@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..records import ImageRecord, MetadataReadError, resolve_image_path
+from ..records import ImageRecord, MetadataReadError, NoImagesError, resolve_image_path
 from .table import open_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -71,7 +71,8 @@ def read_radimagenet_tree(root: str | os.PathLike, us_anatomy_map=DEFAULT_US_ANA
                           extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[ImageRecord]:
     """Every image under a RadImageNet-style tree ``root/<MOD>/<ANATOMY>/<PATHOLOGY>/*`` (US:
     ``root/US/<label>/*``). `root` may also be the folder that contains ``radiology_ai``.
-    Files are listed in sorted order, so the result is the same on every machine."""
+    Files are listed in sorted order, so the result is the same on every machine. Folder
+    symlinks are not followed; a file symlink must resolve inside `root`."""
     root = Path(root)
     if not root.is_dir():
         raise MetadataReadError(f"{str(root)!r} is not a folder")
@@ -90,11 +91,14 @@ def read_radimagenet_tree(root: str | os.PathLike, us_anatomy_map=DEFAULT_US_ANA
                     continue
                 full = Path(dirpath) / name
                 relative = full.relative_to(root).as_posix()
+                # a file symlink may point anywhere: the same containment check as CSV paths
+                path = resolve_image_path(relative, root, str(full))
                 fields, leaf = parse_radimagenet_path(relative, str(full), us_anatomy_map,
                                                       us_fallback)
-                records.append(ImageRecord(str(full.resolve()), fields, leaf, str(full)))
+                records.append(ImageRecord(path, fields, leaf, str(full)))
     if not records:
-        raise MetadataReadError(f"no images with extensions {extensions} under {str(root)!r}")
+        raise NoImagesError(f"{root}: no images: no files with extensions {extensions} under "
+                            f"its {', '.join(d.name for d in modality_dirs)} folders")
     return records
 
 

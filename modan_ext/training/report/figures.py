@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation import PROTOCOL_SHORT
-from .summary import result_columns
+from .summary import result_columns, seed_count, spread
 
 
 def import_pyplot(log=print):
@@ -57,17 +57,20 @@ def bar_plot(summary: list[dict], model_order: list[str], path: Path, log=print)
         return None
     columns = result_columns(summary)
     cell = {(s["task"], s["protocol"], s["model"]): s for s in summary}
+    seeds = seed_count(summary)
     width = 0.8 / max(len(model_order), 1)
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(columns), 3.6))
     for i, model in enumerate(model_order):
         xs = [j + (i - (len(model_order) - 1) / 2) * width for j in range(len(columns))]
         means = [cell[(*c, model)]["mean_auc"] if (*c, model) in cell else np.nan for c in columns]
-        sds = [cell[(*c, model)]["sd_auc"] if (*c, model) in cell else 0 for c in columns]
+        sds = [(spread(cell[(*c, model)], seeds) or 0) if (*c, model) in cell else 0
+               for c in columns]
         ax.bar(xs, means, width, yerr=sds, capsize=2, label=model)
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels([f"{t}\n{PROTOCOL_SHORT[p]}" for t, p in columns])
-    ax.set_ylabel("test AUC (mean ± sd over folds)")
-    lowest = min((s["mean_auc"] - s["sd_auc"] for s in summary), default=0.4)
+    ax.set_ylabel(f"test AUC (mean ± sd over {seeds} seeds)" if seeds > 1 else
+                  "test AUC (mean ± sd over folds)")
+    lowest = min((s["mean_auc"] - (spread(s, seeds) or 0) for s in summary), default=0.4)
     ax.set_ylim(min(0.4, max(0.0, lowest - 0.05)), 1.0)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8, ncol=len(model_order), loc="upper center", bbox_to_anchor=(0.5, 1.15),

@@ -46,12 +46,29 @@ def write_results(rows: list[dict], out_dir, method: str, model_order: list[str]
 
 
 def write_run_info(path: str | os.PathLike, command: str, synthetic_data: bool, timings: dict,
-                   pretrain_configs: dict, protocol) -> None:
-    """run_info.json: the command, its timings, every setting, and the machine it ran on."""
+                   pretrain_configs: dict, protocol, seeds: list[int] | None = None) -> None:
+    """run_info.json: the command, its timings, every setting (`pretrain_configs` per loss, run
+    with each of the pretraining `seeds`), and the machine it ran on: the results are
+    bit-identical only on the same CPU, thread count and build."""
     info = {"command": command, "synthetic_data": synthetic_data, "timings": timings,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
+            "pretraining_seeds": seeds if seeds is not None else
+            sorted({v.seed for v in pretrain_configs.values()}),
             "pretrain_configs": {k: vars(v) for k, v in pretrain_configs.items()},
             "protocol": vars(protocol)}
     Path(path).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
