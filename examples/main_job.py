@@ -1,6 +1,6 @@
 """The project's main job: pretrain ModAn-MulSupCon and its baselines, then evaluate them.
 
-    python examples/main_job.py                      # SYNTHETIC data, ~10 min on a 2-core CPU
+    python examples/main_job.py                      # SYNTHETIC data, ~7 min on a 2-core CPU
     python examples/main_job.py --seeds 3            # mean ± sd over 3 pretraining seeds
     python examples/main_job.py --paper --data-root /data/radimagenet \
         --task-dir data/acl --task-dir data/breast --task-dir data/thyroid   # a GPU job
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--losses", default="modan,supcon,simclr", type=cli.comma_list)
     parser.add_argument("--seeds", type=int, default=1,
                         help="pretraining seeds per loss, --seed, --seed + 1, ...: the tables "
-                             "give mean ± sd over them (default 1, ~10 min on 2 cores; each "
-                             "seed adds about that again)")
+                             "give mean ± sd over them (default 1, ~7 min on 2 cores; 3 "
+                             "seeds ~19 min)")
     cli.add_data_arguments(parser)
     cli.add_training_arguments(parser)
     cli.add_protocol_arguments(parser)
