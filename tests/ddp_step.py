@@ -13,6 +13,7 @@ comparison can be made to ~1e-10.
 from __future__ import annotations
 
 import argparse
+import gc
 from datetime import timedelta
 
 import torch
@@ -78,8 +79,10 @@ def main() -> None:
         everyone = [None] * world
         dist.all_gather_object(everyone, params)
         results[backend] = dict(loss_mean=torch.stack(losses).mean(), params=everyone)
+        del model
     if rank == 0:
         torch.save(results, args.out)
+    gc.collect()  # DDP's reference cycles hold the group: free them first (launch.shutdown_distributed)
     dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ present (CUDA generators, CUDA autocast); on a CPU-only machine they are skipped
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 from datetime import timedelta
@@ -470,9 +471,11 @@ def _ddp_worker(rank: int, world: int, out_dir: str):
                 steps.append(dict(loss=loss, grads=grads(model.module),
                                   buffers=buffers(model.module)))
             results[case] = dict(steps=steps, all_reduces=all_reduces)
+            del model
     except Exception as exc:  # noqa: BLE001 -- reported by the tests of the missing cases
         results["__crash__"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    gc.collect()  # DDP's reference cycles hold the group: free them first (launch.shutdown_distributed)
     dist.destroy_process_group()
 
 

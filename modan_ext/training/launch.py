@@ -3,6 +3,7 @@ batches across ranks like `DistributedSampler`, and the few collectives the loop
 ``python`` launch is a world of one and touches none of torch.distributed."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -36,8 +37,14 @@ def init_distributed() -> Distributed:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group, if one was joined (end of a torchrun job)."""
+    """Leave the process group, if one was joined (end of a torchrun job).
+
+    A finished DDP model sits in reference cycles that still hold the group; collected only at
+    interpreter exit, after the group was destroyed, it made gloo abort the process now and then
+    ("terminate called without an active exception", SIGABRT after a correct run: 6 of 70 two-rank
+    runs of tests/ddp_step.py here, 0 of 80 once collected first)."""
     if tdist.is_available() and tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 
