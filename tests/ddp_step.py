@@ -13,7 +13,6 @@ comparison can be made to ~1e-10.
 from __future__ import annotations
 
 import argparse
-import gc
 from datetime import timedelta
 
 import torch
@@ -24,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loss_cases import Spec, build, encoder  # tests/ is this script's folder: on sys.path
 from modan_ext import JaccardSupConLoss
+from modan_ext.training.launch import shutdown_distributed
 
 BACKENDS = ("kernel", "reference")
 IMAGES, VIEWS, IN_DIM, OUT_DIM, NUM_LABELS = 9, 2, 10, 8, 6
@@ -82,8 +82,7 @@ def main() -> None:
         del model
     if rank == 0:
         torch.save(results, args.out)
-    gc.collect()  # DDP's reference cycles hold the group: free them first (launch.shutdown_distributed)
-    dist.destroy_process_group()
+    shutdown_distributed()  # frees the DDP models' reference cycles before the group
 
 
 if __name__ == "__main__":

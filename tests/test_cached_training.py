@@ -11,7 +11,6 @@ present (CUDA generators, CUDA autocast); on a CPU-only machine they are skipped
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import time
 from datetime import timedelta
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from modan_ext import JaccardSupConLoss
 from modan_ext.training import cached_contrastive_backward  # the public API (issue 10)
+from modan_ext.training.launch import shutdown_distributed
 
 IN_DIM, HIDDEN, DIM, NUM_LABELS = 6, 16, 5, 7
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -475,8 +475,7 @@ def _ddp_worker(rank: int, world: int, out_dir: str):
     except Exception as exc:  # noqa: BLE001 -- reported by the tests of the missing cases
         results["__crash__"] = f"{type(exc).__name__}: {exc}"
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    gc.collect()  # DDP's reference cycles hold the group: free them first (launch.shutdown_distributed)
-    dist.destroy_process_group()
+    shutdown_distributed()  # frees the DDP models' reference cycles before the group
 
 
 @pytest.fixture(scope="module")
