@@ -276,6 +276,18 @@ def test_dicom_files_named_by_uid_or_without_extension_are_read_and_loaded(tmp_p
 
 
 @needs_pydicom
+def test_dicom_folder_refuses_a_file_symlink_out_of_the_root_like_the_tree(tmp_path):
+    outside = _ct(tmp_path / "elsewhere" / "1.2.3.9")
+    _ct(tmp_path / "study" / "1.2.3.1")
+    (tmp_path / "study" / "1.2.3.2").symlink_to(outside)
+    with pytest.raises(MetadataReadError, match=r"1\.2\.3\.2: path .* leaves the root folder"):
+        read_any(tmp_path / "study")
+    (tmp_path / "study" / "1.2.3.2").unlink()
+    (tmp_path / "study" / "1.2.3.2").symlink_to(tmp_path / "study" / "1.2.3.1")
+    assert len(read_any(tmp_path / "study")) == 2  # a link inside the root is read
+
+
+@needs_pydicom
 @pytest.mark.parametrize("keep_bytes, message", [
     (1000, r"no pixel data: a truncated file, or a DICOM object that is not an image "
            r"\(SOP class 'CT Image Storage'"),            # cut inside the header

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,3 +83,19 @@ def resolve_image_path(path: str, root: str | os.PathLike | None, where: str,
     if must_exist and not resolved.is_file():
         raise MetadataReadError(f"{where}: image file not found: {str(resolved)!r}")
     return str(resolved)
+
+
+def files_under(root: str | os.PathLike, top: str | os.PathLike | None = None,
+                keep: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[Path, str, str]]:
+    """Every file under `top` (default: `root`) whose name `keep` accepts, in sorted order (the
+    same on every machine), as (path as found, path relative to `root`, resolved path). Folder
+    symlinks are not followed; a file symlink may point anywhere, so each file gets the containment
+    check of CSV paths (`resolve_image_path`): one that leaves `root` raises."""
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root if top is None else top, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if keep(name):
+                full = Path(dirpath) / name
+                relative = full.relative_to(root).as_posix()
+                yield full, relative, resolve_image_path(relative, root, str(full))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..images import import_pydicom, is_dicom
-from ..records import ImageRecord, MetadataReadError, NoImagesError, resolve_image_path
+from ..records import ImageRecord, MetadataReadError, NoImagesError, files_under
 
 DICOM_TAGS = {"modality": (0x0008, 0x0060), "anatomy": (0x0018, 0x0015)}
 DICOM_SUFFIXES = (".dcm", ".dicom")  # a file named so must be DICOM
@@ -28,20 +28,14 @@ DEFER_BYTES = 1024  # values above this size are not loaded while reading the he
 def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """(DICOM files, other files) under `folder`, sorted, each checked to stay inside it."""
     dicom, other = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            # a file symlink may point anywhere: the same containment check as CSV paths
-            resolve_image_path(full.relative_to(folder).as_posix(), folder, str(full))
-            if is_dicom(full):
-                dicom.append(full)
-            elif full.suffix.lower() in DICOM_SUFFIXES:
-                raise MetadataReadError(f"{full}: not a readable DICOM file (no 'DICM' marker "
-                                        "at byte 128: not DICOM, or a dataset without its Part 10 "
-                                        "file header)")
-            else:
-                other.append(full)
+    for full, _, _ in files_under(folder):
+        if is_dicom(full):
+            dicom.append(full)
+        elif full.suffix.lower() in DICOM_SUFFIXES:
+            raise MetadataReadError(f"{full}: not a readable DICOM file (no 'DICM' marker at byte "
+                                    "128: not DICOM, or a dataset without its Part 10 file header)")
+        else:
+            other.append(full)
     return dicom, other
 
 

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..records import ImageRecord, MetadataReadError, NoImagesError, resolve_image_path
+from ..records import (ImageRecord, MetadataReadError, NoImagesError, files_under,
+                       resolve_image_path)
 from .table import open_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -84,18 +85,10 @@ def read_radimagenet_tree(root: str | os.PathLike, us_anatomy_map=DEFAULT_US_ANA
     extensions = tuple(e.lower() for e in extensions)
     records = []
     for modality_dir in modality_dirs:
-        for dirpath, dirnames, filenames in os.walk(modality_dir, followlinks=False):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if not name.lower().endswith(extensions):
-                    continue
-                full = Path(dirpath) / name
-                relative = full.relative_to(root).as_posix()
-                # a file symlink may point anywhere: the same containment check as CSV paths
-                path = resolve_image_path(relative, root, str(full))
-                fields, leaf = parse_radimagenet_path(relative, str(full), us_anatomy_map,
-                                                      us_fallback)
-                records.append(ImageRecord(path, fields, leaf, str(full)))
+        for full, relative, path in files_under(root, modality_dir,
+                                                lambda name: name.lower().endswith(extensions)):
+            fields, leaf = parse_radimagenet_path(relative, str(full), us_anatomy_map, us_fallback)
+            records.append(ImageRecord(path, fields, leaf, str(full)))
     if not records:
         raise NoImagesError(f"{root}: no images: no files with extensions {extensions} under "
                             f"its {', '.join(d.name for d in modality_dirs)} folders")
